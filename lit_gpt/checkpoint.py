@@ -1,0 +1,178 @@
+"""Checkpoint directories: what they hold, how they are validated, saved (atomically) and loaded (safely).
+
+A checkpoint directory holds:
+    lit_model.safetensors   the weights, in this project's parameter names
+    model_config.yaml       the `Config` the weights belong to
+    tokenizer.json or tokenizer.model, plus tokenizer_config.json / generation_config.json when present
+
+Nothing here unpickles arbitrary objects: weights are safetensors, and `.bin`/`.pth` files go through
+`torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterable, Optional
+
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+WEIGHTS_FILE = "lit_model.safetensors"
+CONFIG_FILE = "model_config.yaml"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
+TOKENIZER_EXTRA_FILES = ("tokenizer_config.json", "generation_config.json", "special_tokens_map.json")
+
+QUICKSTART_HINT = (
+    "To get one: `python scripts/download.py --repo_id <org/name>` (downloads and converts a Hugging Face "
+    "model), `python scripts/convert_hf_checkpoint.py --checkpoint_dir <dir with HF files>`, or, offline, "
+    "`python scripts/convert_gguf_checkpoint.py --checkpoint_dir checkpoints/SmolLM2-135M-Instruct` "
+    "(the embedded model)."
+)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory or weights file is missing, incomplete, corrupt or does not fit the model."""
+
+
+def check_valid_checkpoint_dir(checkpoint_dir: str | Path, need_tokenizer: bool = True) -> Path:
+    """Raise a CheckpointError that names what is missing and how to create it; return the dir as a Path."""
+    checkpoint_dir = Path(checkpoint_dir)
+    if not checkpoint_dir.is_dir():
+        raise CheckpointError(f"Checkpoint directory {str(checkpoint_dir)!r} does not exist. {QUICKSTART_HINT}")
+    missing = [f for f in (WEIGHTS_FILE, CONFIG_FILE) if not (checkpoint_dir / f).is_file()]
+    if need_tokenizer and not any((checkpoint_dir / f).is_file() for f in TOKENIZER_FILES):
+        missing.append(" or ".join(TOKENIZER_FILES))
+    if missing:
+        present = sorted(p.name for p in checkpoint_dir.iterdir())
+        hf_files = [p for p in present if p.endswith((".safetensors", ".bin")) and p != WEIGHTS_FILE]
+        hint = (
+            f"It holds Hugging Face weights ({', '.join(hf_files[:3])}): convert them with "
+            f"`python scripts/convert_hf_checkpoint.py --checkpoint_dir {checkpoint_dir}`."
+            if hf_files and WEIGHTS_FILE in missing
+            else QUICKSTART_HINT
+        )
+        raise CheckpointError(
+            f"Checkpoint directory {str(checkpoint_dir)!r} is missing {', '.join(missing)}. "
+            f"It contains: {present or 'nothing'}. {hint}"
+        )
+    return checkpoint_dir
+
+
+def save_safetensors(
+    state_dict: dict[str, torch.Tensor], path: str | Path, metadata: Optional[dict[str, str]] = None
+) -> None:
+    """Write `state_dict` to `path` atomically: a killed process leaves the old file or the new one, never half.
+
+    Tensors that share memory (tied embeddings) must be deduplicated by the caller; this makes each
+    tensor contiguous and detached.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous() for k, v in state_dict.items()}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_weights_file(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Load a `.safetensors`, `.bin` or `.pth` weights file without unpickling arbitrary objects."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"Weights file {str(path)!r} does not exist.")
+    if path.suffix == ".safetensors":
+        try:
+            return load_file(str(path), device=str(device))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(
+                f"Cannot read weights file {str(path)!r} ({e}). The file is truncated or corrupt: "
+                "download or convert it again."
+            ) from None
+    try:
+        return torch.load(path, map_location=device, weights_only=True, mmap=True)
+    except Exception as e:  # pickle errors come in many types
+        raise CheckpointError(
+            f"Refusing or unable to load {str(path)!r}: {type(e).__name__}: {str(e).splitlines()[0][:300]}. "
+            "Only plain tensors are loaded (torch.load with weights_only=True); a file that is truncated or "
+            "that contains arbitrary Python objects is rejected. Convert it to safetensors from a trusted source."
+        ) from None
+
+
+def tied_keys(model: nn.Module) -> set[str]:
+    """Names of parameters that are the same tensor as an earlier parameter (e.g. a tied lm_head)."""
+    seen: dict[int, str] = {}
+    tied = set()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            tied.add(name)
+        else:
+            seen[id(p)] = name
+    return tied
+
+
+def model_state_dict(model: nn.Module, keep=None) -> dict[str, torch.Tensor]:
+    """The model's parameters (and persistent buffers) without tied duplicates; `keep(name)` filters."""
+    skip = tied_keys(model)
+    return {k: v for k, v in model.state_dict().items() if k not in skip and (keep is None or keep(k))}
+
+
+def load_into_model(
+    model: nn.Module,
+    state_dict: dict[str, torch.Tensor],
+    source: str | Path,
+    allowed_missing: Iterable[str] = (),
+) -> None:
+    """Load `state_dict` into `model`, failing clearly unless exactly the expected keys are missing.
+
+    `allowed_missing` are keys the checkpoint is not supposed to have (PEFT parameters when loading a base
+    checkpoint). Tied duplicates (lm_head.weight with tied embeddings) are always allowed to be missing.
+    Shape mismatches name the first offending tensors and suggest the usual cause.
+    """
+    expected = model.state_dict()
+    allowed = set(allowed_missing) | tied_keys(model)
+    missing = sorted(k for k in expected if k not in state_dict and k not in allowed)
+    unexpected = sorted(k for k in state_dict if k not in expected)
+    mismatched = [
+        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in state_dict
+        if k in expected and state_dict[k].shape != expected[k].shape
+    ]
+    if missing or unexpected or mismatched:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} tensors (e.g. {missing[:3]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected tensors (e.g. {unexpected[:3]})")
+        if mismatched:
+            parts.append(f"{len(mismatched)} shape mismatches (e.g. {mismatched[:2]})")
+        raise CheckpointError(
+            f"The weights in {str(source)!r} do not fit the model config: {'; '.join(parts)}. "
+            "The weights and model_config.yaml must come from the same conversion; re-run the conversion, or "
+            "check that these finetuned weights were trained on this base checkpoint."
+        )
+    model.load_state_dict(state_dict, strict=False, assign=_is_meta(model))
+
+
+def _is_meta(model: nn.Module) -> bool:
+    return any(p.is_meta for p in model.parameters())
+
+
+def file_fingerprint(path: str | Path, chunk: int = 1 << 20) -> str:
+    """A short content hash of a weights file: cheap (first and last MiB plus the size), stable across copies."""
+    path = Path(path)
+    h = hashlib.sha256(str(path.stat().st_size).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(chunk))
+        if path.stat().st_size > chunk:
+            f.seek(-chunk, os.SEEK_END)
+            h.update(f.read(chunk))
+    return h.hexdigest()[:16]

@@ -1,0 +1,342 @@
+"""The one GPT model. Read it top to bottom: token ids -> embedding -> blocks -> norm -> logits.
+
+Every supported family (Pythia, Falcon, Llama, Mistral, Phi, Gemma, Qwen, SmolLM2, ...) is this code
+with different `Config` values; there are no per-family subclasses.
+
+Shapes: B = batch, T = sequence length, C = n_embd, H = n_head, G = n_query_groups (key/value heads),
+D = head_size, V = padded vocabulary size.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lit_gpt.config import Config
+
+IGNORE_INDEX = -100  # targets with this value carry no loss (prompt tokens, padding)
+
+
+class GPT(nn.Module):
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.padded_vocab_size, config.n_embd)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.ln_f = make_norm(config)
+        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=config.lm_head_bias)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+        self.max_seq_length = config.block_size  # rebuilds the RoPE cache
+
+    # ------------------------------------------------------------------------------------------------
+    @property
+    def max_seq_length(self) -> int:
+        return self._max_seq_length
+
+    @max_seq_length.setter
+    def max_seq_length(self, value: int) -> None:
+        """Longest sequence this model instance will see (<= block_size). Sizes the RoPE and KV caches."""
+        if value > self.config.block_size:
+            raise ValueError(
+                f"Cannot attend to {value} positions: {self.config.name} has block_size {self.config.block_size}."
+            )
+        self._max_seq_length = value
+        device = self.wte.weight.device
+        device = torch.device("cpu") if device.type == "meta" else device
+        cos, sin = rope_cache(self.config, value, device=device)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        input_pos: Optional[torch.Tensor] = None,
+        targets: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """Run the model.
+
+        Args:
+            idx: token ids, (B, T).
+            input_pos: positions of these tokens, (T,). Give it only for KV-cached generation
+                (after `set_kv_cache`); without it the tokens are positions 0..T-1 with causal attention.
+            targets: next-token ids, (B, T), `IGNORE_INDEX` where no loss is wanted. When given, returns
+                the mean cross-entropy over the positions that carry loss, and the LM head runs only there.
+
+        Returns:
+            logits (B, T, V), or the scalar loss when `targets` is given.
+        """
+        T = idx.size(1)
+        if input_pos is None:
+            if T > self.max_seq_length:
+                raise ValueError(
+                    f"Cannot forward a sequence of length {T}: max_seq_length is {self.max_seq_length} "
+                    f"(block_size {self.config.block_size})."
+                )
+            cos, sin, mask = self.cos[:T], self.sin[:T], None  # mask None = causal
+        else:
+            cos, sin = self.cos[input_pos], self.sin[input_pos]
+            mask = self.blocks[0].attn.kv_cache.causal_mask(input_pos)
+
+        x = self.wte(idx)  # (B, T, C)
+        if self.config.scale_embeddings:
+            x = x * torch.tensor(self.config.n_embd**0.5, dtype=x.dtype)
+        for block in self.blocks:
+            x = block(x, cos, sin, mask, input_pos)
+        x = self.ln_f(x)
+
+        if targets is None:
+            return self.lm_head(x)  # (B, T, V)
+        return supervised_cross_entropy(self.lm_head, x, targets)
+
+    # --- KV cache for generation --------------------------------------------------------------------
+    def set_kv_cache(
+        self, batch_size: int, max_seq_length: Optional[int] = None, device=None, dtype=None
+    ) -> None:
+        """Preallocate a KV cache of `max_seq_length` positions in every block (shrinks the RoPE cache too)."""
+        if max_seq_length is not None:
+            self.max_seq_length = max_seq_length
+        device = device or self.wte.weight.device
+        dtype = dtype or self.wte.weight.dtype
+        for block in self.blocks:
+            block.attn.kv_cache = KVCache(
+                batch_size, self.config.n_query_groups, self.max_seq_length, self.config.head_size, device, dtype
+            )
+
+    def clear_kv_cache(self) -> None:
+        """Drop every inference cache (KV caches and any PEFT prefix caches) so training sees none."""
+        for module in self.modules():
+            if hasattr(module, "clear_cache"):
+                module.clear_cache()
+
+
+class Block(nn.Module):
+    """One transformer layer: attention and MLP, sequential or parallel (`config.parallel_residual`)."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.config = config
+        self.norm_1 = make_norm(config)
+        self.attn = CausalSelfAttention(config)
+        self.norm_2 = None if config.shared_attention_norm else make_norm(config)
+        self.mlp = (GatedMLP if config.mlp_class == "GatedMLP" else MLP)(config)
+
+    def forward(self, x, cos, sin, mask, input_pos):
+        """x: (B, T, C) -> (B, T, C)."""
+        h = self.norm_1(x)
+        attn_out = self.attn(h, cos, sin, mask, input_pos)
+        if self.config.parallel_residual:
+            # Pythia, Falcon, Phi-2: both branches read the block input; Falcon-7B and Phi-2 share one norm.
+            mlp_in = h if self.norm_2 is None else self.norm_2(x)
+            return x + attn_out + self.mlp(mlp_in)
+        x = x + attn_out
+        return x + self.mlp(self.norm_2(x))
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head attention with separate query/key/value projections.
+
+    Grouped-query attention: G key/value heads, each shared by H // G query heads
+    (G = H: multi-head, G = 1: multi-query)::
+
+        query heads  q0 q1 q2 q3 q4 q5 q6 q7      H = 8
+                     |__|  |__|  |__|  |__|
+        kv heads      k0    k1    k2    k3        G = 4
+    """
+
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.config = config
+        C, H, G, D = config.n_embd, config.n_head, config.n_query_groups, config.head_size
+        self.query = nn.Linear(C, H * D, bias=config.qkv_bias)
+        self.key = nn.Linear(C, G * D, bias=config.qkv_bias)
+        self.value = nn.Linear(C, G * D, bias=config.qkv_bias)
+        self.proj = nn.Linear(H * D, C, bias=config.bias)
+        self.kv_cache: Optional[KVCache] = None
+
+    def forward(self, x, cos, sin, mask, input_pos):
+        """x: (B, T, C) -> (B, T, C)."""
+        B, T, _ = x.shape
+        q, k, v = self.project_qkv(x, cos, sin)  # (B, H, T, D), (B, G, T, D), (B, G, T, D)
+        if input_pos is not None:
+            if self.kv_cache is None:
+                raise RuntimeError("input_pos was given but there is no KV cache: call model.set_kv_cache() first.")
+            k, v = self.kv_cache.update(input_pos, k, v)  # (B, G, max_seq_length, D)
+        y = self.attend(q, k, v, mask)  # (B, H, T, D)
+        return self.proj(y.transpose(1, 2).reshape(B, T, -1))
+
+    def project_qkv(self, x, cos, sin):
+        """Project x (B, T, C) to per-head queries (B, H, T, D), keys and values (B, G, T, D), with RoPE applied."""
+        B, T, _ = x.shape
+        D = self.config.head_size
+        q = self.query(x).view(B, T, -1, D).transpose(1, 2)
+        k = self.key(x).view(B, T, -1, D).transpose(1, 2)
+        v = self.value(x).view(B, T, -1, D).transpose(1, 2)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def attend(self, q, k, v, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """Scaled dot-product attention; `mask` None means causal over T. Returns (B, H, T, D)."""
+        return F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=mask is None,
+            scale=1.0 / math.sqrt(self.config.head_size),
+            enable_gqa=k.size(1) != q.size(1),
+        )
+
+    def clear_cache(self) -> None:
+        self.kv_cache = None
+
+
+class MLP(nn.Module):
+    """fc -> activation -> proj (GPT-NeoX, Falcon, Phi-2)."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.fc = nn.Linear(config.n_embd, config.intermediate_size, bias=config.bias)
+        self.proj = nn.Linear(config.intermediate_size, config.n_embd, bias=config.bias)
+        self.act = make_activation(config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.act(self.fc(x)))
+
+
+class GatedMLP(nn.Module):
+    """proj(act(fc_1 x) * fc_2 x): SwiGLU with silu (Llama, Mistral, Qwen), GeGLU with gelu_tanh (Gemma)."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.fc_1 = nn.Linear(config.n_embd, config.intermediate_size, bias=config.bias)
+        self.fc_2 = nn.Linear(config.n_embd, config.intermediate_size, bias=config.bias)
+        self.proj = nn.Linear(config.intermediate_size, config.n_embd, bias=config.bias)
+        self.act = make_activation(config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.act(self.fc_1(x)) * self.fc_2(x))
+
+
+def make_activation(config: Config) -> nn.Module:
+    return {
+        "gelu": lambda: nn.GELU(),
+        "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
+        "silu": lambda: nn.SiLU(),
+    }[config.activation]()
+
+
+# --- normalisation --------------------------------------------------------------------------------------
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in float32. Gemma scales by (1 + weight) instead (`plus_one`)."""
+
+    def __init__(self, size: int, eps: float, plus_one: bool = False) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(size) if plus_one else torch.ones(size))
+        self.eps = eps
+        self.plus_one = plus_one
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.plus_one:
+            return (x * (1.0 + self.weight.float())).to(dtype)
+        return self.weight * x.to(dtype)
+
+
+def make_norm(config: Config) -> nn.Module:
+    if config.norm_class == "RMSNorm":
+        return RMSNorm(config.n_embd, eps=config.norm_eps, plus_one=config.norm_plus_one)
+    return nn.LayerNorm(config.n_embd, eps=config.norm_eps)
+
+
+# --- rotary position embedding ----------------------------------------------------------------------------
+def rope_cache(config: Config, seq_len: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables, each (seq_len, n) with n = config.rope_n_elem, in float32.
+
+    Uses the "rotate half" layout: channel i pairs with channel i + n/2.
+    """
+    n = config.rope_n_elem
+    inv_freq = 1.0 / (config.rope_base ** (torch.arange(0, n, 2, dtype=torch.int64, device=device).float() / n))
+    if config.rope_scaling is not None:
+        inv_freq = llama3_scaled_inv_freq(inv_freq, config.rope_scaling)
+    positions = torch.arange(seq_len, device=device, dtype=torch.int64).float()
+    freqs = torch.outer(positions, inv_freq)  # (seq_len, n/2)
+    angles = torch.cat((freqs, freqs), dim=-1)  # (seq_len, n)
+    return angles.cos(), angles.sin()
+
+
+def llama3_scaled_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
+    """Llama 3.1 long-context RoPE: slow down low frequencies by `factor`, interpolate the middle band."""
+    factor = scaling["factor"]
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_len = scaling["original_max_seq_len"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first n channels of every head. x: (B, heads, T, D); cos, sin: (T, n) with n <= D."""
+    n = cos.size(-1)
+    rot, passthrough = x[..., :n], x[..., n:]
+    x1, x2 = rot[..., : n // 2], rot[..., n // 2 :]
+    rotated = torch.cat((-x2, x1), dim=-1)
+    roped = (rot * cos + rotated * sin).to(x.dtype)
+    return roped if n == x.size(-1) else torch.cat((roped, passthrough), dim=-1)
+
+
+# --- KV cache --------------------------------------------------------------------------------------------
+class KVCache(nn.Module):
+    """Preallocated keys and values, (B, G, max_seq_length, D) each, filled at the given positions."""
+
+    def __init__(self, batch_size, n_groups, max_seq_length, head_size, device=None, dtype=None) -> None:
+        super().__init__()
+        shape = (batch_size, n_groups, max_seq_length, head_size)
+        self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """Write k, v (B, G, T, D) at positions input_pos (T,); return the whole cache."""
+        self.k[: k.size(0)].index_copy_(2, input_pos, k.to(self.k.dtype))
+        self.v[: v.size(0)].index_copy_(2, input_pos, v.to(self.v.dtype))
+        return self.k[: k.size(0)], self.v[: v.size(0)]
+
+    def causal_mask(self, input_pos: torch.Tensor) -> torch.Tensor:
+        """Boolean (T, max_seq_length): query at input_pos[t] sees cached positions <= input_pos[t]."""
+        cached = torch.arange(self.k.size(2), device=input_pos.device)
+        return cached[None, :] <= input_pos[:, None]
+
+
+# --- loss ------------------------------------------------------------------------------------------------
+def supervised_cross_entropy(
+    lm_head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk_size: int = 1024
+) -> torch.Tensor:
+    """Mean next-token cross-entropy over the positions whose target is not IGNORE_INDEX.
+
+    The LM head runs only at those positions, `chunk_size` rows at a time, so the (B, T, V) logits of
+    the whole batch never exist. Equal to `F.cross_entropy(lm_head(hidden).flatten(0, 1),
+    targets.flatten(), ignore_index=IGNORE_INDEX)`.
+
+    Args:
+        hidden: final hidden states, (B, T, C).
+        targets: (B, T) token ids or IGNORE_INDEX.
+    """
+    keep = targets != IGNORE_INDEX
+    h = hidden[keep]  # (N, C)
+    y = targets[keep]  # (N,)
+    if y.numel() == 0:
+        # Nothing to learn from; keep the graph connected so DDP/backward still work.
+        return hidden.sum() * 0.0
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, y.numel(), chunk_size):
+        logits = lm_head(h[start : start + chunk_size])
+        total = total + F.cross_entropy(logits.float(), y[start : start + chunk_size], reduction="sum")
+    return total / y.numel()
