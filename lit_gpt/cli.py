@@ -1,0 +1,25 @@
+"""The command line of every script: jsonargparse over a typed function, with user errors printed cleanly."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, Callable
+
+from jsonargparse import CLI
+
+# Errors that mean "the input is wrong" rather than "the code is wrong": shown as one clear message.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError)
+
+
+def run_cli(function: Callable[..., Any]) -> Any:
+    """Parse `sys.argv` into `function`'s typed arguments (`--help`, `--config file.yaml`, `--print_config`)
+    and run it. A user error exits with status 2 and its message on stderr, without a traceback
+    (set LIT_GPT_TRACEBACK=1 to see one)."""
+    try:
+        return CLI(function, as_positional=False)
+    except USER_ERRORS as error:
+        if os.environ.get("LIT_GPT_TRACEBACK"):
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
