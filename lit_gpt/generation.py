@@ -1,0 +1,182 @@
+"""The token-sampling loop: used by generate/*, the chat script, evaluation and the sample printed in training.
+
+    model, config = load_model("checkpoints/SmolLM2-135M-Instruct", device="cpu")
+    prompt = tokenizer.encode("The capital of France is")          # (T,) int64
+    for token_id in generate(model, prompt, max_new_tokens=20, temperature=0.8, top_k=50,
+                             stop_ids=tokenizer.stop_ids):
+        ...                                                          # one int at a time, as soon as it exists
+
+`generate` fills the KV cache with the whole prompt in one forward pass (prefill), then feeds back one
+token at a time at its position (`input_pos`), so each step costs one token's worth of compute.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable, Iterator, Optional, Union
+
+import torch
+import torch.nn as nn
+
+from lit_gpt.checkpoint import CheckpointError, WEIGHTS_FILE, check_valid_checkpoint_dir, load_into_model, load_weights_file
+from lit_gpt.config import Config
+from lit_gpt.model import GPT
+
+
+def sample(
+    logits: torch.Tensor,
+    temperature: float = 0.0,
+    top_k: Optional[int] = None,
+    top_p: float = 1.0,
+    generator: Optional[torch.Generator] = None,
+) -> torch.Tensor:
+    """Pick the next token from `logits`, shape (..., V); returns int64 ids of shape (...).
+
+    temperature 0 is greedy decoding (argmax; `top_k`, `top_p` and `generator` are then irrelevant).
+    Otherwise the logits are divided by `temperature`, only the `top_k` most likely tokens are kept (ties
+    with the k-th are kept too), then only the smallest set of those whose probabilities add up to at least
+    `top_p` (nucleus sampling; the most likely token is always kept), and one token is drawn from the
+    renormalised distribution with `generator` (None: torch's global RNG).
+    """
+    check_sampling_args(temperature, top_k, top_p)
+    if temperature == 0.0 or top_k == 1:
+        return logits.argmax(dim=-1)
+
+    logits = logits.float() / temperature
+    vocab_size = logits.size(-1)
+    if top_k is not None and top_k < vocab_size:
+        kth_largest = torch.topk(logits, top_k, dim=-1).values[..., -1:]  # (..., 1)
+        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
+    if top_p < 1.0:
+        logits = top_p_filter(logits, top_p)
+    probs = torch.softmax(logits, dim=-1).reshape(-1, vocab_size)
+    return torch.multinomial(probs, num_samples=1, generator=generator).reshape(logits.shape[:-1])
+
+
+def check_sampling_args(temperature: float, top_k: Optional[int], top_p: float) -> None:
+    """Raise a ValueError naming the bad value when the sampling settings are out of range."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 means greedy), got {temperature}.")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}. Leave it unset (None) to keep every token.")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}. Use 1.0 to disable nucleus filtering.")
+
+
+def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Set to -inf every logit outside the nucleus: the fewest most-likely tokens with total probability >= top_p.
+
+    logits: (..., V) -> (..., V). A token is dropped when the tokens ranked above it already reach `top_p`.
+    """
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    sorted_probs = torch.softmax(sorted_logits, dim=-1)
+    mass_above = torch.cumsum(sorted_probs, dim=-1) - sorted_probs  # probability of the tokens ranked higher
+    drop_sorted = mass_above >= top_p
+    drop_sorted[..., 0] = False  # the most likely token always survives
+    drop = drop_sorted.scatter(-1, order, drop_sorted)  # back to vocabulary order
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def generate(
+    model: nn.Module,
+    prompt: torch.Tensor,
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    top_k: Optional[int] = None,
+    top_p: float = 1.0,
+    stop_ids: Iterable[int] = (),
+    generator: Optional[torch.Generator] = None,
+) -> Iterator[int]:
+    """Yield up to `max_new_tokens` new token ids after `prompt`, one Python int at a time.
+
+    Args:
+        model: a GPT (or a Fabric-wrapped one) on the device `prompt` is on.
+        prompt: token ids, (T,) int64, with 1 <= T <= model.config.block_size.
+        max_new_tokens: most tokens to yield; fewer when the context (block_size) fills up first.
+        temperature, top_k, top_p, generator: see :func:`sample` (temperature 0 = greedy).
+        stop_ids: generation ends at the first of these ids (EOS, end-of-turn); the stop id itself is
+            NOT yielded.
+
+    The KV cache is sized prompt length + max_new_tokens (at most block_size) and filled by one prefill pass;
+    then each step feeds back only the newest token at `input_pos`. Model compute runs under
+    `torch.inference_mode()`, but not the caller's code between yields. When the generator finishes or is
+    closed (e.g. the caller breaks out of the loop), the KV cache is dropped and `model.max_seq_length`
+    restored, so a model in the middle of training can generate a sample and go back to training.
+    """
+    if prompt.dim() != 1:
+        raise ValueError(f"prompt must be 1-D token ids (T,), got shape {tuple(prompt.shape)}.")
+    config = model.config
+    T = prompt.size(0)
+    if T == 0:
+        raise ValueError("prompt is empty: give at least one token (e.g. the BOS token).")
+    if T > config.block_size:
+        raise ValueError(
+            f"The prompt has {T} tokens but {config.name}'s context (block_size) is {config.block_size} tokens. "
+            f"Shorten the prompt by at least {T - config.block_size} tokens."
+        )
+    check_sampling_args(temperature, top_k, top_p)
+    # Checks above run at call time; the loop below runs lazily as the caller iterates.
+    return _decode(model, prompt, max_new_tokens, temperature, top_k, top_p, {int(i) for i in stop_ids}, generator)
+
+
+def _decode(model, prompt, max_new_tokens, temperature, top_k, top_p, stop_ids, generator) -> Iterator[int]:
+    if max_new_tokens <= 0:
+        return
+    T = prompt.size(0)
+    config = model.config
+    old_max_seq_length = model.max_seq_length
+    cache_len = min(T + max_new_tokens, config.block_size)
+    try:
+        with torch.inference_mode():
+            model.set_kv_cache(batch_size=1, max_seq_length=cache_len, device=prompt.device)
+            input_pos = torch.arange(T, device=prompt.device)
+            logits = model(prompt[None], input_pos=input_pos)[0, -1]  # (V,) prefill: the whole prompt at once
+        for step in range(max_new_tokens):
+            with torch.inference_mode():
+                token = sample(logits, temperature, top_k, top_p, generator)  # () int64
+            token_id = int(token)
+            if token_id in stop_ids:
+                return
+            yield token_id
+            position = T + step  # where the token just yielded goes
+            if step + 1 == max_new_tokens or position >= cache_len:
+                return
+            with torch.inference_mode():
+                input_pos = torch.tensor([position], device=prompt.device)
+                logits = model(token.view(1, 1), input_pos=input_pos)[0, -1]  # (V,)
+    finally:
+        # Outside inference mode, so that the rebuilt RoPE buffers are normal tensors usable in training.
+        with torch.inference_mode(False):
+            model.clear_kv_cache()
+            model.max_seq_length = old_max_seq_length
+
+
+def load_model(
+    checkpoint_dir: Union[str, Path],
+    device: Union[str, torch.device] = "cpu",
+    dtype: Optional[torch.dtype] = None,
+) -> tuple[GPT, Config]:
+    """Build the GPT of a checkpoint directory and load its weights; returns (model in eval mode, config).
+
+    The directory is validated first (a CheckpointError names what is missing and how to get it). The model is
+    built on the meta device, so no memory is spent on random initialisation; the weights are read straight
+    onto `device` and cast to `dtype` (None keeps the dtype of the file). Every parameter must come from the
+    file (see `load_into_model`).
+    """
+    checkpoint_dir = check_valid_checkpoint_dir(checkpoint_dir, need_tokenizer=False)
+    config = Config.from_checkpoint(checkpoint_dir)
+    weights_path = checkpoint_dir / WEIGHTS_FILE
+    state_dict = load_weights_file(weights_path, device=device)
+    if dtype is not None:
+        state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
+    with torch.device("meta"):
+        model = GPT(config)
+    load_into_model(model, state_dict, source=weights_path)
+    if config.tie_embeddings:
+        model.lm_head.weight = model.wte.weight  # assigning a loaded tensor to wte broke the tie
+    still_meta = [name for name, t in model.state_dict().items() if t.is_meta]
+    if still_meta:
+        raise CheckpointError(f"{str(weights_path)!r} did not provide {still_meta[:3]}: convert the checkpoint again.")
+    model.max_seq_length = config.block_size  # rebuild the RoPE tables on the weights' device
+    return model.eval(), config

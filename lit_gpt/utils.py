@@ -1,0 +1,114 @@
+"""Small generic helpers: which device and precision to run on, parameter counts, peak memory."""
+
+from __future__ import annotations
+
+import resource
+import sys
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+# Lightning Fabric precision strings this project uses, and the dtype the weights are held in for each.
+PRECISION_DTYPES = {
+    "32-true": torch.float32,
+    "16-true": torch.float16,
+    "bf16-true": torch.bfloat16,
+    "16-mixed": torch.float32,
+    "bf16-mixed": torch.float32,
+    "64-true": torch.float64,
+}
+
+
+def choose_device_type() -> str:
+    """"cuda" when a CUDA GPU is visible, else "mps" (Apple silicon), else "cpu"."""
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def choose_precision(requested: Optional[str], device_type: str) -> str:
+    """The Lightning Fabric precision string to run with on `device_type` ("cuda", "mps" or "cpu").
+
+    `requested` None picks the default for the device:
+        cuda: "bf16-true" when the GPU has native bf16 (Ampere or newer), else "16-true"
+        mps:  "16-true" (bf16 needs macOS 14 or newer, fp16 works everywhere)
+        cpu:  "32-true" (half precision on CPU is slow and loses accuracy)
+    A requested precision the device cannot run raises a ValueError that names a working alternative.
+    """
+    if device_type not in ("cuda", "mps", "cpu"):
+        raise ValueError(f"Unknown device type {device_type!r}: expected 'cuda', 'mps' or 'cpu'.")
+    if requested is None:
+        if device_type == "cuda":
+            return "bf16-true" if _cuda_has_bf16() else "16-true"
+        return "16-true" if device_type == "mps" else "32-true"
+
+    requested = {"32": "32-true", "16": "16-mixed", "bf16": "bf16-mixed", "64": "64-true"}.get(requested, requested)
+    if requested not in PRECISION_DTYPES:
+        raise ValueError(
+            f"Unknown precision {requested!r}: choose one of {', '.join(PRECISION_DTYPES)} "
+            "(or leave it unset to use the device's default)."
+        )
+    if requested.startswith("bf16"):
+        if device_type == "cuda" and not _cuda_has_bf16():
+            name = torch.cuda.get_device_name()
+            raise ValueError(
+                f"Precision {requested!r} needs bfloat16, which {name} does not support natively. "
+                f"Use --precision {requested.replace('bf16', '16')} (float16) or --precision 32-true instead."
+            )
+        if device_type == "mps" and not _mps_has_bf16():
+            raise ValueError(
+                f"Precision {requested!r} needs bfloat16, which this Mac's MPS backend does not support "
+                "(it needs macOS 14 or newer). Use --precision 16-true instead."
+            )
+    if requested == "16-mixed" and device_type == "cpu":
+        raise ValueError(
+            "Precision '16-mixed' (float16 autocast) is not supported on CPU. Use --precision bf16-mixed, "
+            "--precision bf16-true or --precision 32-true instead."
+        )
+    if requested == "64-true" and device_type == "mps":
+        raise ValueError("MPS does not support float64. Use --precision 32-true instead.")
+    return requested
+
+
+def precision_to_dtype(precision: str) -> torch.dtype:
+    """The dtype the weights are held in under a Fabric precision string ("bf16-true" -> torch.bfloat16)."""
+    if precision not in PRECISION_DTYPES:
+        raise ValueError(f"Unknown precision {precision!r}: choose one of {', '.join(PRECISION_DTYPES)}.")
+    return PRECISION_DTYPES[precision]
+
+
+def _cuda_has_bf16() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+
+
+def _mps_has_bf16() -> bool:
+    try:
+        torch.ones(1, dtype=torch.bfloat16, device="mps")
+        return True
+    except (RuntimeError, TypeError):
+        return False
+
+
+def num_parameters(module: nn.Module, requires_grad: Optional[bool] = None) -> int:
+    """Number of parameter elements in `module` (tied parameters counted once).
+
+    `requires_grad` True/False counts only trainable/frozen parameters; None counts all.
+    """
+    return sum(
+        p.numel() for p in module.parameters() if requires_grad is None or p.requires_grad == requires_grad
+    )
+
+
+def peak_memory(device: torch.device) -> str:
+    """Human-readable peak memory: CUDA max allocated on a GPU, otherwise this process's peak resident set."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return f"{torch.cuda.max_memory_allocated(device) / 1e9:.2f} GB (CUDA max allocated)"
+    if device.type == "mps":
+        return f"{torch.mps.driver_allocated_memory() / 1e9:.2f} GB (MPS driver allocated, current)"
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak_bytes = peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, kilobytes on Linux
+    return f"{peak_bytes / 1e9:.2f} GB (process peak RSS)"
