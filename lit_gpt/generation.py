@@ -12,6 +12,8 @@ token at a time at its position (`input_pos`), so each step costs one token's wo
 
 from __future__ import annotations
 
+import sys
+import time
 from pathlib import Path
 from typing import Iterable, Iterator, Optional, Union
 
@@ -180,3 +182,26 @@ def load_model(
         raise CheckpointError(f"{str(weights_path)!r} did not provide {still_meta[:3]}: convert the checkpoint again.")
     model.max_seq_length = config.block_size  # rebuild the RoPE tables on the weights' device
     return model.eval(), config
+
+
+def stream_text(tokenizer, tokens: Iterable[int], file=None, skip_special: bool = False) -> tuple[str, int, float]:
+    """Print the text of `tokens` (e.g. a `generate(...)` iterator) to `file` as each token arrives, flushed.
+
+    Multi-byte characters split over tokens are held back until complete (`tokenizer.decoder()`).
+    Returns (the whole text, number of tokens, seconds spent, including the model's compute).
+    """
+    file = sys.stdout if file is None else file
+    decoder = tokenizer.decoder(skip_special=skip_special)
+    pieces, count = [], 0
+    start = time.perf_counter()
+    for token_id in tokens:
+        count += 1
+        piece = decoder.step(token_id)
+        if piece:
+            pieces.append(piece)
+            file.write(piece)
+            file.flush()
+    pieces.append(decoder.flush())
+    file.write(pieces[-1])
+    file.flush()
+    return "".join(pieces), count, time.perf_counter() - start
