@@ -540,6 +540,41 @@ def _check_writable(directory: Path) -> None:
         ) from None
 
 
+def check_prepare_settings(
+    checkpoint_dir: PathLike,
+    destination_path: PathLike,
+    val_split_fraction: float = DEFAULT_VAL_SPLIT_FRACTION,
+    max_seq_length: Optional[int] = None,
+) -> int:
+    """Fail fast, before any download or tokenizing, on a bad checkpoint, destination or setting.
+
+    Returns the max_seq_length to use: the given one, or the model's block_size when None.
+    """
+    from lit_gpt.checkpoint import CONFIG_FILE, TOKENIZER_FILES
+    from lit_gpt.config import Config
+
+    checkpoint_dir = Path(checkpoint_dir)
+    if not (checkpoint_dir / CONFIG_FILE).is_file() or not any((checkpoint_dir / f).is_file() for f in TOKENIZER_FILES):
+        present = sorted(p.name for p in checkpoint_dir.iterdir()) if checkpoint_dir.is_dir() else "it does not exist"
+        raise DataError(
+            f"Checkpoint directory {str(checkpoint_dir)!r} needs {CONFIG_FILE} and a tokenizer "
+            f"({' or '.join(TOKENIZER_FILES)}) to prepare data (contents: {present}). Download one first: "
+            "`python scripts/download.py --repo_id <org/name>`."
+        )
+    if not 0 <= val_split_fraction < 1:
+        raise DataError(f"val_split_fraction must be in [0, 1), got {val_split_fraction}.")
+    _check_writable(Path(destination_path))
+    block_size = Config.from_checkpoint(checkpoint_dir).block_size
+    if max_seq_length is None:
+        return block_size
+    if not 2 <= max_seq_length <= block_size:
+        raise DataError(
+            f"max_seq_length {max_seq_length} is out of range: the model's block_size is {block_size} "
+            f"(in {checkpoint_dir / CONFIG_FILE}); use 2..{block_size}."
+        )
+    return max_seq_length
+
+
 def prepare_instruction_data(
     examples: Sequence[Example],
     checkpoint_dir: PathLike,
@@ -562,29 +597,12 @@ def prepare_instruction_data(
     Returns:
         the summary written to metadata.json (counts, settings).
     """
-    from lit_gpt.checkpoint import CONFIG_FILE, TOKENIZER_FILES
     from lit_gpt.config import Config
     from lit_gpt.tokenizer import Tokenizer
 
     checkpoint_dir, destination_path = Path(checkpoint_dir), Path(destination_path)
-    if not (checkpoint_dir / CONFIG_FILE).is_file() or not any((checkpoint_dir / f).is_file() for f in TOKENIZER_FILES):
-        present = sorted(p.name for p in checkpoint_dir.iterdir()) if checkpoint_dir.is_dir() else "it does not exist"
-        raise DataError(
-            f"Checkpoint directory {str(checkpoint_dir)!r} needs {CONFIG_FILE} and a tokenizer "
-            f"({' or '.join(TOKENIZER_FILES)}) to prepare data (contents: {present}). Download one first: "
-            "`python scripts/download.py --repo_id <org/name>`."
-        )
-    if not 0 <= val_split_fraction < 1:
-        raise DataError(f"val_split_fraction must be in [0, 1), got {val_split_fraction}.")
-    _check_writable(destination_path)
+    max_seq_length = check_prepare_settings(checkpoint_dir, destination_path, val_split_fraction, max_seq_length)
     block_size = Config.from_checkpoint(checkpoint_dir).block_size
-    if max_seq_length is None:
-        max_seq_length = block_size
-    if not 2 <= max_seq_length <= block_size:
-        raise DataError(
-            f"max_seq_length {max_seq_length} is out of range: the model's block_size is {block_size} "
-            f"(in {checkpoint_dir / CONFIG_FILE}); use 2..{block_size}."
-        )
     tokenizer = Tokenizer(checkpoint_dir)
     print(
         f"Preparing {len(examples)} samples from {source}: mask_prompt={mask_prompt}, max_seq_length={max_seq_length} "

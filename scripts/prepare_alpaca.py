@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 from lit_gpt.cli import run_cli
-from lit_gpt.data import download, load_examples, prepare_instruction_data
+from lit_gpt.data import check_prepare_settings, download, load_examples, prepare_instruction_data
 
 URL = "https://raw.githubusercontent.com/tatsu-lab/stanford_alpaca/main/alpaca_data.json"
 # The file's sha256 could not be verified when this was written (no network), so none is pinned: the
@@ -54,6 +54,7 @@ def prepare(
         max_seq_length: most tokens per sample (longer ones are truncated); default: the model's block_size.
         skip_long_prompts: leave out samples whose prompt alone reaches max_seq_length (default: error).
     """
+    check_prepare_settings(checkpoint_dir, destination_path, val_split_fraction, max_seq_length)  # fail fast
     examples, source = load_alpaca(destination_path, data_file, sha256)
     prepare_instruction_data(
         examples, checkpoint_dir, destination_path, source=source, val_split_fraction=val_split_fraction,

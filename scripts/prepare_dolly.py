@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Optional
 
 from lit_gpt.cli import run_cli
-from lit_gpt.data import download, load_examples, prepare_instruction_data
+from lit_gpt.data import check_prepare_settings, download, load_examples, prepare_instruction_data
 
 URL = "https://huggingface.co/datasets/databricks/databricks-dolly-15k/resolve/main/databricks-dolly-15k.jsonl"
 SHA256: Optional[str] = None  # not verified when this was written: the download's checksum is printed
@@ -49,6 +49,7 @@ def prepare(
         max_seq_length: most tokens per sample (longer ones are truncated); default: the model's block_size.
         skip_long_prompts: leave out samples whose prompt alone reaches max_seq_length (default: error).
     """
+    check_prepare_settings(checkpoint_dir, destination_path, val_split_fraction, max_seq_length)  # fail fast
     examples, source = load_dolly(destination_path, data_file, sha256)
     prepare_instruction_data(
         examples, checkpoint_dir, destination_path, source=source, val_split_fraction=val_split_fraction,

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Optional
 
 from lit_gpt.cli import run_cli
-from lit_gpt.data import load_examples, prepare_instruction_data
+from lit_gpt.data import check_prepare_settings, load_examples, prepare_instruction_data
 
 
 def prepare(
@@ -49,6 +49,7 @@ def prepare(
         max_seq_length: most tokens per sample (longer ones are truncated); default: the model's block_size.
         skip_long_prompts: leave out samples whose prompt alone reaches max_seq_length (default: error).
     """
+    check_prepare_settings(checkpoint_dir, destination_path, val_split_fraction, max_seq_length)  # fail fast
     fields = {"instruction": instruction_field, "input": input_field, "output": output_field}
     examples = load_examples(data_file, fields=fields, instances_field=instances_field)
     prepare_instruction_data(

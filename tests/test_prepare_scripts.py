@@ -230,3 +230,15 @@ def test_prepare_real_math_data(shared_data, long_checkpoint, tmp_path):
     ids, labels = train[0]
     text = Tokenizer(long_checkpoint).decode(ids[labels != IGNORE_INDEX], skip_special=True)
     assert "The answer is" in text
+
+
+def test_bad_settings_fail_before_downloading(monkeypatch, long_checkpoint, tmp_path):
+    urls = mock_download(monkeypatch, b"[]")
+    script = load_script("prepare_alpaca")
+    with pytest.raises(DataError, match="needs model_config.yaml and a tokenizer.*scripts/download.py"):
+        script.prepare(tmp_path / "no_checkpoint", destination_path=tmp_path / "a")
+    with pytest.raises(DataError, match="max_seq_length 4096 is out of range: the model's block_size is 2048"):
+        script.prepare(long_checkpoint, destination_path=tmp_path / "a", max_seq_length=4096)
+    with pytest.raises(DataError, match=r"val_split_fraction must be in \[0, 1\), got 1.5"):
+        script.prepare(long_checkpoint, destination_path=tmp_path / "a", val_split_fraction=1.5)
+    assert urls == []
