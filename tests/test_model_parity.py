@@ -80,7 +80,7 @@ FAMILIES = {
 def make_hf_model(family: str, seed: int = 0):
     """A tiny random transformers model of `family`, fp32, eager attention, every parameter perturbed."""
     config_class, kwargs = FAMILIES[family]
-    hf_config = getattr(transformers, config_class)(**kwargs)
+    hf_config = getattr(transformers, config_class)(initializer_range=0.1, **kwargs)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(hf_config, attn_implementation="eager", dtype=torch.float32)
     with torch.no_grad():
@@ -104,17 +104,20 @@ def load_ours(checkpoint_dir: Path) -> GPT:
 
 
 @torch.no_grad()
-def greedy_ours(model: GPT, prompt: torch.Tensor, steps: int) -> torch.Tensor:
-    """Greedy decoding with our KV cache: prefill the prompt, then one token per step."""
+def greedy_ours(model: GPT, prompt: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy decoding with our KV cache: prefill the prompt, then one token per step.
+
+    Returns the new tokens (B, steps) and the logits each was chosen from (B, steps, V).
+    """
     B, T = prompt.shape
     model.set_kv_cache(B, max_seq_length=T + steps)
-    logits = model(prompt, input_pos=torch.arange(T))
-    tokens = [logits[:, -1].argmax(-1, keepdim=True)]
+    step_logits = [model(prompt, input_pos=torch.arange(T))[:, -1]]
+    tokens = [step_logits[-1].argmax(-1, keepdim=True)]
     for pos in range(T, T + steps - 1):
-        logits = model(tokens[-1], input_pos=torch.tensor([pos]))
-        tokens.append(logits[:, -1].argmax(-1, keepdim=True))
+        step_logits.append(model(tokens[-1], input_pos=torch.tensor([pos]))[:, -1])
+        tokens.append(step_logits[-1].argmax(-1, keepdim=True))
     model.clear_kv_cache()
-    return torch.cat(tokens, dim=1)
+    return torch.cat(tokens, dim=1), torch.stack(step_logits, dim=1)
 
 
 convert_hf = load_script("convert_hf_checkpoint").convert_hf_checkpoint
@@ -138,13 +141,19 @@ def test_parity_with_transformers(family, tmp_path, record_property):
     assert actual.shape == expected.shape
     assert diff <= 1e-5, f"{family}: logits differ by {diff}"
 
+    # Greedy decoding: same tokens, and the logits of every step agree (a stronger check of the KV cache
+    # than the tokens alone, which can repeat for tiny random models).
     prompt = idx[:1, :PROMPT_LEN]
-    hf_tokens = hf_model.generate(
+    hf_out = hf_model.generate(
         prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=NEW_TOKENS,
-        min_new_tokens=NEW_TOKENS,
-    )[:, PROMPT_LEN:]  # fmt: skip
-    our_tokens = greedy_ours(ours, prompt, NEW_TOKENS)
-    assert our_tokens.tolist() == hf_tokens.tolist()
+        min_new_tokens=NEW_TOKENS, return_dict_in_generate=True, output_logits=True,
+    )  # fmt: skip
+    our_tokens, our_logits = greedy_ours(ours, prompt, NEW_TOKENS)
+    assert our_tokens.tolist() == hf_out.sequences[:, PROMPT_LEN:].tolist()
+    step_diff = (our_logits - torch.stack(hf_out.logits, dim=1)).abs().max().item()
+    record_property("max_abs_diff_decoding", step_diff)
+    print(f"{family}: max abs logits diff while decoding {step_diff:.2e}")
+    assert step_diff <= 1e-5, f"{family}: KV-cached decoding logits differ by {step_diff}"
 
 
 def test_parity_from_bin_file(tmp_path):
