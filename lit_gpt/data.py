@@ -680,7 +680,7 @@ def epoch_order(
         return order
     if len(lengths) != n:
         raise DataError(f"epoch_order: {len(lengths)} lengths given for {n} samples.")
-    lengths = [int(x) for x in lengths]
+    lengths = lengths.tolist() if isinstance(lengths, torch.Tensor) else [int(x) for x in lengths]
     for start in range(0, n, window):
         order[start : start + window] = sorted(order[start : start + window], key=lambda i: -lengths[i])
     batches = [order[i : i + batch_size] for i in range(0, n, batch_size)]
