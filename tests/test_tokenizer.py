@@ -27,12 +27,14 @@ TEXTS = [
 ]
 
 CHATML = (
-    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% for message in messages %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 LLAMA_LIKE = (
-    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'system' %}<<SYS>>{{ message['content'] | trim }}"
-    "<</SYS>>{% elif message['role'] == 'user' %}[INST] {{ message['content'] }} [/INST]"
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] == 'system' %}<<SYS>>{{ message['content'] | trim }}<</SYS>>"
+    "{% elif message['role'] == 'user' %}[INST] {{ message['content'] }} [/INST]"
     "{% else %}{{ message['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
 )
 MESSAGES = [
@@ -148,7 +150,8 @@ def test_bpe_encode_matches_transformers(tmp_path, post_processor, add_bos_token
     # the one deliberate difference: no second BOS when the text starts with it (HF would add one)
     chat = "<|im_start|>user\nhi<|im_end|>"
     assert ours.encode(chat, bos=True).tolist() == theirs(chat, add_special_tokens=False)["input_ids"]
-    assert ours.encode("Hello", bos=True, eos=True).tolist()[::len(ours.encode("Hello", bos=True, eos=True)) - 1] == [1, 2]
+    with_both = ours.encode("Hello", bos=True, eos=True).tolist()
+    assert (with_both[0], with_both[-1]) == (1, 2)
     assert len(ours.encode("Hello world hello world", max_length=3)) == 3
 
 
