@@ -19,15 +19,30 @@ of one layer while fusing. Peak memory is about one copy of the model, the conve
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
+import shutil
 from pathlib import Path
 from typing import Iterable, Iterator, Optional, Union
 
 import torch
 from safetensors import SafetensorError, safe_open
 
-from lit_gpt.checkpoint import CheckpointError, load_weights_file
+from lit_gpt.checkpoint import (
+    CONFIG_FILE,
+    TOKENIZER_EXTRA_FILES,
+    TOKENIZER_FILES,
+    WEIGHTS_FILE,
+    CheckpointError,
+    check_valid_checkpoint_dir,
+    load_into_model,
+    load_weights_file,
+    save_safetensors,
+)
+from lit_gpt.config import Config
+from lit_gpt.hf_config import hf_architecture, hf_config_from_config
+from lit_gpt.model import GPT
 
 Names = dict[str, Union[str, tuple[str, str, str]]]
 
@@ -282,3 +297,87 @@ def iter_hf_tensors(files: Iterable[Path]) -> Iterator[tuple[str, torch.Tensor]]
                 raise CheckpointError(f"{str(path)!r} is not a dict of tensors; refusing to convert it.")
             for key in list(state_dict):
                 yield key, state_dict.pop(key)
+
+
+# --- whole directories (used by scripts/convert_hf_checkpoint.py and scripts/convert_lit_checkpoint.py) -------
+def convert_hf_checkpoint(checkpoint_dir: Path, dtype: Optional[torch.dtype] = None) -> Config:
+    """Convert the HF checkpoint in `checkpoint_dir` in place; returns the Config written beside the weights.
+
+    Reads config.json and the HF weights, writes `model_config.yaml` and `lit_model.safetensors`. Names and
+    shapes are checked against the model the config describes before anything is written. `dtype` casts
+    the weights; by default they keep the checkpoint's dtype.
+    """
+    checkpoint_dir = Path(checkpoint_dir)
+    if not checkpoint_dir.is_dir():
+        raise CheckpointError(
+            f"Checkpoint directory {str(checkpoint_dir)!r} does not exist. Download a model first: "
+            "`python scripts/download.py --repo_id <org/name>`."
+        )
+    hf_config_path = checkpoint_dir / "config.json"
+    if not hf_config_path.is_file():
+        present = sorted(p.name for p in checkpoint_dir.iterdir())
+        raise CheckpointError(
+            f"{str(checkpoint_dir)!r} has no config.json (it contains: {present or 'nothing'}). "
+            "The Hugging Face config.json is needed to know the architecture: download it with the weights."
+        )
+    hf = json.loads(hf_config_path.read_text())
+    arch = hf_architecture(hf)
+    name_or_path = str(hf.get("_name_or_path") or "").rstrip("/")  # a display name only
+    config = Config.from_hf_config(hf, name=name_or_path.split("/")[-1] or checkpoint_dir.resolve().name)
+    files = hf_weight_files(checkpoint_dir)
+
+    state_dict = dict(hf_to_lit(arch, config, iter_hf_tensors(files), dtype=dtype))
+    with torch.device("meta"):
+        model = GPT(dataclasses.replace(config, block_size=1))  # block_size only sizes the RoPE cache
+    load_into_model(model, state_dict, source=", ".join(str(f) for f in files))
+    del model
+
+    save_safetensors(state_dict, checkpoint_dir / WEIGHTS_FILE, metadata={"format": "pt"})
+    config.to_file(checkpoint_dir / CONFIG_FILE)
+    return config
+
+
+def convert_lit_checkpoint(checkpoint_dir: Path, output_dir: Path, dtype: Optional[torch.dtype] = None) -> Path:
+    """Write a Hugging Face copy of our checkpoint directory: config.json, model.safetensors, tokenizer files.
+
+    When `checkpoint_dir` still holds the config.json it was converted from and that describes the same
+    model, it is reused (architecture name, token ids and other HF-only fields kept); otherwise the config
+    is derived from model_config.yaml (`hf_config_from_config`). Returns `output_dir`.
+    """
+    checkpoint_dir = check_valid_checkpoint_dir(checkpoint_dir, need_tokenizer=False)
+    output_dir = Path(output_dir)
+    config = Config.from_file(checkpoint_dir / CONFIG_FILE)
+    hf = _original_hf_config(checkpoint_dir, config) or hf_config_from_config(config)
+    arch = hf_architecture(hf)
+
+    weights = checkpoint_dir / WEIGHTS_FILE
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            ours = ((k, f.get_tensor(k)) for k in f.keys())
+            state_dict = dict(lit_to_hf(arch, config, ours, dtype=dtype))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"Cannot read weights file {str(weights)!r} ({e}): convert it again.") from None
+    hf["torch_dtype"] = hf["dtype"] = str(next(iter(state_dict.values())).dtype).removeprefix("torch.")
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    save_safetensors(state_dict, output_dir / "model.safetensors", metadata={"format": "pt"})
+    (output_dir / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+    for name in TOKENIZER_FILES + TOKENIZER_EXTRA_FILES:
+        src = checkpoint_dir / name
+        if src.is_file() and src.resolve() != (output_dir / name).resolve():
+            shutil.copy2(src, output_dir / name)
+    return output_dir
+
+
+def _original_hf_config(checkpoint_dir: Path, config: Config) -> Optional[dict]:
+    """The config.json in `checkpoint_dir`, if there is one and it describes `config` (names aside)."""
+    path = checkpoint_dir / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        hf = json.loads(path.read_text())
+        original = Config.from_hf_config(hf)
+    except (ValueError, KeyError):
+        return None
+    original.name, original.hf_repo = config.name, config.hf_repo
+    return hf if original == config else None

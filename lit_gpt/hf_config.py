@@ -104,6 +104,10 @@ def _gpt_neox(hf: dict) -> dict[str, Any]:
 # https://huggingface.co/tiiuae/falcon-7b/blob/main/config.json  (multi_query, one shared norm)
 # https://huggingface.co/tiiuae/falcon-40b/blob/main/config.json (new_decoder_architecture, grouped kv heads)
 def _falcon(hf: dict) -> dict[str, Any]:
+    # Early Falcon configs ("RWForCausalLM") use other key names for the same fields.
+    renamed = {"n_layer": "num_hidden_layers", "n_head": "num_attention_heads", "n_head_kv": "num_kv_heads",
+               "n_embed": "hidden_size"}  # fmt: skip
+    hf = {**{renamed[k]: v for k, v in hf.items() if k in renamed}, **hf}
     if hf.get("alibi", False):
         raise ValueError("Falcon with alibi=True is not supported: this model uses rotary position embeddings.")
     new_arch = hf.get("new_decoder_architecture", False)
@@ -254,7 +258,10 @@ def config_from_hf(cls, hf: dict[str, Any], name: str = ""):
     Raises ValueError for an unsupported architecture or a setting this model cannot reproduce.
     """
     arch = hf_architecture(hf)
-    kwargs = ARCHITECTURES[arch](hf)
+    try:
+        kwargs = ARCHITECTURES[arch](hf)
+    except KeyError as e:
+        raise ValueError(f"The {arch} config lacks the required key {e.args[0]!r}.") from None
     name_or_path = str(hf.get("_name_or_path") or "")
     if not name and name_or_path:
         name = name_or_path.rstrip("/").split("/")[-1]

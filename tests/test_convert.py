@@ -18,12 +18,11 @@ transformers = pytest.importorskip("transformers")
 
 from lit_gpt.checkpoint import CONFIG_FILE, WEIGHTS_FILE, CheckpointError  # noqa: E402
 from lit_gpt.config import Config  # noqa: E402
+from lit_gpt.convert import convert_hf_checkpoint as convert_hf  # noqa: E402
+from lit_gpt.convert import convert_lit_checkpoint as convert_lit  # noqa: E402
 from lit_gpt.convert import fuse_qkv, split_qkv  # noqa: E402
 from lit_gpt.hf_config import config_from_hf, hf_config_from_config  # noqa: E402
 from test_model_parity import FAMILIES, load_ours, load_script, make_hf_model, save_hf  # noqa: E402
-
-convert_hf = load_script("convert_hf_checkpoint").convert_hf_checkpoint
-convert_lit = load_script("convert_lit_checkpoint").convert_lit_checkpoint
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -126,7 +125,8 @@ def test_round_trip_is_bit_exact(family, keep_hf_config, tmp_path):
     if not keep_hf_config:  # convert back from model_config.yaml alone (e.g. a finetuned checkpoint)
         (hf_dir / "config.json").unlink()
     (hf_dir / "tokenizer.json").write_text("{}")  # stands in for a real tokenizer: it must be copied
-    out = convert_lit(hf_dir, tmp_path / "back")
+    load_script("convert_lit_checkpoint").main(hf_dir, tmp_path / "back")  # the script's entry point
+    out = tmp_path / "back"
 
     original, back = read_safetensors(hf_dir / "model.safetensors"), read_safetensors(out / "model.safetensors")
     assert sorted(back) == sorted(original)
@@ -151,6 +151,8 @@ def test_missing_dir_config_or_weights(tmp_path):
     make_hf_model("llama2_mha").config.save_pretrained(tmp_path)
     with pytest.raises(CheckpointError, match="No Hugging Face weights"):
         convert_hf(tmp_path)
+    with pytest.raises(CheckpointError, match="is missing lit_model.safetensors"):
+        convert_lit(tmp_path, tmp_path / "out")
 
 
 def test_unsupported_architecture_in_dir(tmp_path):

@@ -20,6 +20,7 @@ transformers = pytest.importorskip("transformers")
 
 from lit_gpt.checkpoint import WEIGHTS_FILE, load_into_model, load_weights_file  # noqa: E402
 from lit_gpt.config import Config  # noqa: E402
+from lit_gpt.convert import convert_hf_checkpoint as convert_hf  # noqa: E402
 from lit_gpt.model import GPT  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -120,9 +121,6 @@ def greedy_ours(model: GPT, prompt: torch.Tensor, steps: int) -> tuple[torch.Ten
     return torch.cat(tokens, dim=1), torch.stack(step_logits, dim=1)
 
 
-convert_hf = load_script("convert_hf_checkpoint").convert_hf_checkpoint
-
-
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_parity_with_transformers(family, tmp_path, record_property):
     hf_model = make_hf_model(family)
@@ -184,5 +182,5 @@ def test_dtype_option_and_default_keeps_dtype(tmp_path):
     hf_model = make_hf_model("qwen2.5").to(torch.bfloat16)
     convert_hf(save_hf(hf_model, tmp_path))
     assert {t.dtype for t in load_weights_file(tmp_path / WEIGHTS_FILE).values()} == {torch.bfloat16}
-    convert_hf(tmp_path, dtype="float32")
+    load_script("convert_hf_checkpoint").main(tmp_path, dtype="float32")  # the script's entry point
     assert {t.dtype for t in load_weights_file(tmp_path / WEIGHTS_FILE).values()} == {torch.float32}
