@@ -78,6 +78,7 @@ def save_safetensors(
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a checkpoint is an ordinary readable file
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
