@@ -63,7 +63,8 @@ def names_gpt_neox(config) -> Names:
         "gpt_neox.layers.{i}.mlp.dense_h_to_4h": "blocks.{i}.mlp.fc",
         "gpt_neox.layers.{i}.mlp.dense_4h_to_h": "blocks.{i}.mlp.proj",
         "gpt_neox.final_layer_norm": "ln_f",
-        "embed_out": "lm_head",
+        "embed_out": "lm_head",  # the name in checkpoint files, and the one written back
+        "lm_head": "lm_head",  # transformers >= 5 calls the module lm_head (state_dict() of a live model)
     }
 
 
@@ -206,7 +207,10 @@ def hf_to_lit(
 def lit_to_hf(
     arch: str, config, tensors: Iterable[tuple[str, torch.Tensor]], dtype: Optional[torch.dtype] = None
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Rename our (name, tensor) pairs to HF names; q/k/v of one layer are held until they can be fused."""
+    """Rename our (name, tensor) pairs to HF names; q/k/v of one layer are held until they can be fused.
+
+    Where two HF names map to one of ours, the first in the table is written.
+    """
     inverse: list[tuple[re.Pattern, str, Optional[int]]] = []  # our pattern, HF template, position in fused qkv
     for hf_name, ours in LAYOUTS[arch](config).items():
         for pos, t in enumerate(ours) if isinstance(ours, tuple) else [(None, ours)]:

@@ -11,6 +11,7 @@ The HF side is built from transformers only, never from our code. No network.
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -154,12 +155,21 @@ def test_parity_with_transformers(family, tmp_path, record_property):
     assert step_diff <= 1e-5, f"{family}: KV-cached decoding logits differ by {step_diff}"
 
 
-def test_parity_from_bin_file(tmp_path):
-    """pytorch_model.bin (torch.save zip format) converts like safetensors."""
-    hf_model = make_hf_model("llama2_gqa")
+@pytest.mark.parametrize("sharded", [False, True])
+def test_parity_from_bin_files(tmp_path, sharded):
+    """pytorch_model.bin, or shards named by pytorch_model.bin.index.json, convert like safetensors."""
+    hf_model = make_hf_model("gpt_neox_parallel")
     sd = {k: v.contiguous() for k, v in hf_model.state_dict().items()}
     hf_model.config.save_pretrained(tmp_path)
-    torch.save(sd, tmp_path / "pytorch_model.bin")
+    if sharded:
+        names = sorted(sd)
+        shards = {"pytorch_model-1.bin": names[::2], "pytorch_model-2.bin": names[1::2]}
+        for file, keys in shards.items():
+            torch.save({k: sd[k] for k in keys}, tmp_path / file)
+        weight_map = {k: file for file, keys in shards.items() for k in keys}
+        (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    else:
+        torch.save(sd, tmp_path / "pytorch_model.bin")
     convert_hf(tmp_path)
     idx = torch.randint(0, 160, (1, 12))
     with torch.no_grad():
