@@ -290,7 +290,8 @@ def iter_hf_tensors(files: Iterable[Path]) -> Iterator[tuple[str, torch.Tensor]]
                 keys = list(handle.keys())
             except (SafetensorError, OSError, ValueError) as e:
                 raise CheckpointError(
-                    f"Cannot read weights file {str(path)!r} ({e}). The file is truncated or corrupt: download it again."
+                    f"Cannot read weights file {str(path)!r} ({e}). "
+                    "The file is truncated or corrupt: download it again."
                 ) from None
             for key in keys:
                 yield key, handle.get_tensor(key)

@@ -276,7 +276,8 @@ def hf_architecture_for(config) -> str:
     if c.norm_class == "LayerNorm" and c.mlp_class == "MLP":
         if c.lm_head_bias and c.parallel_residual and c.shared_attention_norm and c.bias and c.qkv_bias:
             return "PhiForCausalLM"
-        if not c.lm_head_bias and c.bias and c.qkv_bias and not c.shared_attention_norm and c.n_query_groups == c.n_head:
+        neox_attention = c.n_query_groups == c.n_head and not c.shared_attention_norm
+        if not c.lm_head_bias and c.bias and c.qkv_bias and neox_attention:
             return "GPTNeoXForCausalLM"
         if not c.lm_head_bias and c.bias == c.qkv_bias and c.rope_n_elem == c.head_size and (
             c.head_size * c.n_head == c.n_embd

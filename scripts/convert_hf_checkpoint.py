@@ -37,7 +37,7 @@ def main(checkpoint_dir: Path, dtype: Optional[str] = None) -> None:
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r} is not one of {sorted(DTYPES)}.")
     config = convert_hf_checkpoint(checkpoint_dir, DTYPES.get(dtype))
-    print(f"Converted {config.name} ({config.n_layer} layers) -> {checkpoint_dir}: lit_model.safetensors, model_config.yaml")
+    print(f"Converted {config.name} -> {checkpoint_dir}: lit_model.safetensors, model_config.yaml")
 
 
 if __name__ == "__main__":

@@ -226,10 +226,11 @@ def test_cli_runs_from_repo_root(tmp_path):
 
     save_hf(make_hf_model("phi2"), tmp_path / "hf")
     root = Path(__file__).resolve().parents[1]
+    hf_dir, out = str(tmp_path / "hf"), str(tmp_path / "o")
     for cmd in (
-        ["scripts/convert_hf_checkpoint.py", "--checkpoint_dir", str(tmp_path / "hf")],
-        ["scripts/convert_lit_checkpoint.py", "--checkpoint_dir", str(tmp_path / "hf"), "--output_dir", str(tmp_path / "o")],
-    ):  # fmt: skip
+        ["scripts/convert_hf_checkpoint.py", "--checkpoint_dir", hf_dir],
+        ["scripts/convert_lit_checkpoint.py", "--checkpoint_dir", hf_dir, "--output_dir", out],
+    ):
         subprocess.run([sys.executable, *cmd], cwd=root, check=True, capture_output=True)
     assert (tmp_path / "o" / "model.safetensors").is_file()
     shutil.rmtree(tmp_path / "o")
