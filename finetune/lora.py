@@ -21,7 +21,7 @@ import torch
 from lit_gpt import lora as method
 from lit_gpt.cli import run_cli
 from lit_gpt.args import EvalArgs, TrainArgs
-from lit_gpt.checkpoint import WEIGHTS_FILE, check_valid_checkpoint_dir, load_into_model, load_weights_file
+from lit_gpt.checkpoint import WEIGHTS_FILE, load_into_model, load_weights_file
 from lit_gpt.config import Config
 from lit_gpt.data import load_prepared_dir
 from lit_gpt.model import GPT

@@ -1,0 +1,99 @@
+"""Rules that keep the standalone scripts from drifting apart (see ../shared/DESIGN.md, practices 9-11)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+from lit_gpt.args import EvalArgs, TrainArgs
+
+ROOT = Path(__file__).resolve().parents[1]
+FINETUNE_SCRIPTS = sorted((ROOT / "finetune").glob("*.py"))
+ALL_SCRIPTS = sorted(
+    p for folder in ("finetune", "generate", "scripts", "eval", "benchmarks") for p in (ROOT / folder).glob("*.py")
+)
+ALLOWED_TOP_LEVEL = {
+    "__future__", "argparse", "contextlib", "csv", "dataclasses", "functools", "hashlib", "json", "math", "os",
+    "pathlib", "random", "re", "resource", "shutil", "signal", "statistics", "subprocess", "sys", "tempfile", "time",
+    "typing", "urllib", "warnings", "importlib", "platform", "gc", "itertools", "collections", "textwrap",
+    "torch", "lightning", "jsonargparse", "tqdm", "lit_gpt", "yaml", "safetensors", "huggingface_hub",
+}
+# Benchmarks may import the peers they measure.
+BENCHMARK_EXTRA = {"transformers", "peft", "litgpt", "numpy"}
+
+
+def _function_source(path: Path, name: str) -> str:
+    tree = ast.parse(path.read_text())
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef) and node.name == name:
+            return ast.unparse(node)
+    raise AssertionError(f"{path} has no top-level function {name!r}")
+
+
+def test_finetune_scripts_exist():
+    names = {p.name for p in FINETUNE_SCRIPTS}
+    assert {"lora.py", "adapter.py", "adapter_v2.py", "full.py"} <= names
+
+
+def test_fit_is_identical_in_every_finetune_script():
+    reference = _function_source(FINETUNE_SCRIPTS[0], "fit")
+    for path in FINETUNE_SCRIPTS[1:]:
+        assert _function_source(path, "fit") == reference, f"fit() in {path.name} drifted from {FINETUNE_SCRIPTS[0].name}"
+
+
+def test_main_differs_only_in_method_lines():
+    """main() is the same story everywhere; at most the PEFT apply/mark lines differ."""
+    bodies = {p.name: _function_source(p, "main").splitlines() for p in FINETUNE_SCRIPTS}
+    reference = bodies["lora.py"]
+    for name, lines in bodies.items():
+        differing = set(lines) ^ set(reference)
+        assert all("method." in line or "allowed_missing" in line or "requires_grad" in line for line in differing), (
+            name,
+            sorted(differing),
+        )
+
+
+@pytest.mark.parametrize("path", ALL_SCRIPTS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_scripts_import_only_lit_gpt_and_libraries(path):
+    """Scripts are leaves: no script imports another script, and no sys.path hacks."""
+    source = path.read_text()
+    assert "sys.path" not in source, f"{path.name} manipulates sys.path"
+    allowed = ALLOWED_TOP_LEVEL | (BENCHMARK_EXTRA if path.parent.name == "benchmarks" else set())
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            modules = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            modules = [node.module or ""]
+        elif isinstance(node, ast.ImportFrom):
+            raise AssertionError(f"{path.name} uses a relative import")
+        else:
+            continue
+        for module in modules:
+            assert module.split(".")[0] in allowed, f"{path.name} imports {module}"
+
+
+@pytest.mark.parametrize("path", ALL_SCRIPTS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_scripts_have_a_docstring_with_an_example(path):
+    doc = ast.get_docstring(ast.parse(path.read_text())) or ""
+    assert "python " in doc, f"{path.name}: the module docstring needs a runnable example command"
+
+
+def _source_without_validate(path: Path) -> str:
+    """args.py minus its validate() methods: checking a flag is not the same as honouring it."""
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ClassDef):
+            node.body = [n for n in node.body if not (isinstance(n, ast.FunctionDef) and n.name == "validate")]
+    return ast.unparse(tree)
+
+
+def test_every_train_and_eval_field_is_honoured_somewhere():
+    """Each TrainArgs/EvalArgs field is read by the training code, not only validated (no silently ignored flag)."""
+    lit_gpt_files = [p for p in (ROOT / "lit_gpt").glob("*.py") if p.name != "args.py"]
+    sources = "\n".join(p.read_text() for p in [*FINETUNE_SCRIPTS, *lit_gpt_files])
+    sources += _source_without_validate(ROOT / "lit_gpt" / "args.py")
+    for cls in (TrainArgs, EvalArgs):
+        for field in cls.__dataclass_fields__:
+            assert f".{field}" in sources, f"{cls.__name__}.{field} is never read outside validate()"
