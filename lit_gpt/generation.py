@@ -1,13 +1,14 @@
 """The token-sampling loop: used by generate/*, the chat script, evaluation and the sample printed in training.
 
+    tokenizer = Tokenizer("checkpoints/SmolLM2-135M-Instruct")
     model, config = load_model("checkpoints/SmolLM2-135M-Instruct", device="cpu")
-    prompt = tokenizer.encode("The capital of France is")          # (T,) int64
-    for token_id in generate(model, prompt, max_new_tokens=20, temperature=0.8, top_k=50,
-                             stop_ids=tokenizer.stop_ids):
-        ...                                                          # one int at a time, as soon as it exists
+    prompt = tokenizer.encode("The capital of France is")           # (T,) int64
+    tokens = generate(model, prompt, max_new_tokens=20, temperature=0.8, top_k=50, stop_ids=tokenizer.stop_ids)
+    text, n_tokens, seconds = stream_text(tokenizer, tokens)        # prints each piece as soon as it exists
 
 `generate` fills the KV cache with the whole prompt in one forward pass (prefill), then feeds back one
-token at a time at its position (`input_pos`), so each step costs one token's worth of compute.
+token at a time at its position (`input_pos`), so each step costs one token's worth of compute. It yields
+plain ints, so callers can stream, collect (`list(...)`) or stop early (`break`).
 """
 
 from __future__ import annotations
