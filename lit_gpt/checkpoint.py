@@ -108,16 +108,21 @@ def load_weights_file(path: str | Path, device: str | torch.device = "cpu") -> d
         ) from None
 
 
-def tied_keys(model: nn.Module) -> set[str]:
-    """Names of parameters that are the same tensor as an earlier parameter (e.g. a tied lm_head)."""
+def tied_parameters(model: nn.Module) -> dict[str, str]:
+    """{name: name of the earlier parameter it is the same tensor as}, e.g. {"lm_head.weight": "wte.weight"}."""
     seen: dict[int, str] = {}
-    tied = set()
+    tied = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         if id(p) in seen:
-            tied.add(name)
+            tied[name] = seen[id(p)]
         else:
             seen[id(p)] = name
     return tied
+
+
+def tied_keys(model: nn.Module) -> set[str]:
+    """Names of parameters that are the same tensor as an earlier parameter (e.g. a tied lm_head)."""
+    return set(tied_parameters(model))
 
 
 def model_state_dict(model: nn.Module, keep=None) -> dict[str, torch.Tensor]:
@@ -160,7 +165,12 @@ def load_into_model(
             "The weights and model_config.yaml must come from the same conversion; re-run the conversion, or "
             "check that these finetuned weights were trained on this base checkpoint."
         )
+    ties = tied_parameters(model)
     model.load_state_dict(state_dict, strict=False, assign=_is_meta(model))
+    # Assigning replaces Parameter objects, which unties shared weights: point each tied name back at its source.
+    for name, source in ties.items():
+        owner_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(owner_name), attr, model.get_parameter(source))
 
 
 def _is_meta(model: nn.Module) -> bool:

@@ -22,12 +22,23 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import fields
-from typing import Any, Iterable
+from pathlib import Path
+from typing import Any, Iterable, Optional
 
 import torch
 import torch.nn as nn
+import yaml
 
-from lit_gpt.checkpoint import model_state_dict
+from lit_gpt.checkpoint import (
+    WEIGHTS_FILE,
+    CheckpointError,
+    check_valid_checkpoint_dir,
+    load_into_model,
+    load_weights_file,
+    model_state_dict,
+)
+from lit_gpt.config import Config
+from lit_gpt.model import GPT
 
 
 def declared_parameter_names(model: nn.Module) -> set[str]:
@@ -82,3 +93,76 @@ def __getattr__(name: str) -> Any:
     if name == "METHODS":
         return {method: importlib.import_module(module) for method, module in _METHOD_MODULES.items()}
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# --- loading a finetuned output directory ---------------------------------------------------------------
+HPARAMS_FILE = "hyperparameters.yaml"
+WEIGHTS_FILES = {"lora": "lora.safetensors", "adapter": "adapter.safetensors", "adapter_v2": "adapter_v2.safetensors"}
+
+
+def read_hyperparameters(finetuned_dir: str | Path) -> dict[str, Any]:
+    """The `hyperparameters.yaml` a finetune run wrote into its output directory."""
+    path = Path(finetuned_dir) / HPARAMS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{str(path)!r} does not exist: --finetuned_dir must be an output directory of a finetune run "
+            "(e.g. out/lora/final), which holds the weights and the hyperparameters.yaml that describes them."
+        )
+    return yaml.safe_load(path.read_text())
+
+
+def load_finetuned(
+    finetuned_dir: str | Path,
+    method: str,
+    checkpoint_dir: Optional[str | Path] = None,
+    device: str | torch.device = "cpu",
+    dtype: Optional[torch.dtype] = None,
+) -> tuple[GPT, dict[str, Any]]:
+    """Rebuild a PEFT-finetuned model: base checkpoint + the method's weights, settings from hyperparameters.yaml.
+
+    Args:
+        finetuned_dir: a finetune output directory (hyperparameters.yaml + `<method>.safetensors`).
+        method: the method the caller expects ("lora", "adapter", "adapter_v2"); another one is an error.
+        checkpoint_dir: the base checkpoint; default: the one the run was trained on (from hyperparameters.yaml).
+        device, dtype: where and in which dtype to hold the weights (dtype None: as stored).
+
+    Returns (model in eval mode, hyperparameters). Fails clearly when the weights were trained on another
+    base checkpoint (fingerprint mismatch) or do not fit the model.
+    """
+    from lit_gpt.training import base_fingerprint
+
+    finetuned_dir = Path(finetuned_dir)
+    hparams = read_hyperparameters(finetuned_dir)
+    saved_method = hparams.get("method")
+    if saved_method != method:
+        hint = f"use generate/{saved_method}.py" if saved_method in _METHOD_MODULES else "use generate/base.py"
+        raise ValueError(
+            f"{finetuned_dir} holds {saved_method!r} weights, not {method!r}: {hint} for this directory."
+        )
+    checkpoint_dir = check_valid_checkpoint_dir(checkpoint_dir or hparams["checkpoint_dir"])
+    fingerprint = base_fingerprint(checkpoint_dir)
+    if hparams.get("base_fingerprint") not in (None, fingerprint):
+        raise CheckpointError(
+            f"The {method} weights in {finetuned_dir} were trained on another base checkpoint than "
+            f"{checkpoint_dir} (fingerprint {hparams['base_fingerprint']} vs {fingerprint}). Pass the base they "
+            f"were trained on with --checkpoint_dir (the run used {hparams.get('checkpoint_dir')})."
+        )
+    module = importlib.import_module(_METHOD_MODULES[method])
+    config = Config.from_checkpoint(checkpoint_dir)
+    with torch.device("meta"):
+        model = module.apply(GPT(config), settings_from_dict(method, hparams.get("settings") or {}))
+    model = model.to_empty(device=device)  # every tensor is overwritten below; nothing is initialised twice
+    if dtype is not None:
+        model = model.to(dtype)
+    peft_names = module.peft_parameter_names(model)
+    base_path, peft_path = checkpoint_dir / WEIGHTS_FILE, finetuned_dir / WEIGHTS_FILES[method]
+    base = load_weights_file(base_path, device=device)
+    # Adapter-v2 also trains the norms, which the base checkpoint holds too: the finetuned values win.
+    load_into_model(model, base, base_path, allowed_missing=peft_names)
+    peft_state = load_weights_file(peft_path, device=device)
+    load_into_model(model, peft_state, peft_path, allowed_missing=set(model.state_dict()) - peft_names)
+    missing = peft_names - set(peft_state)
+    if missing:
+        raise CheckpointError(f"{peft_path} lacks {len(missing)} {method} tensors (e.g. {sorted(missing)[:3]}).")
+    model.max_seq_length = config.block_size  # rebuild the RoPE tables, which to_empty() left uninitialised
+    return model.eval(), hparams
