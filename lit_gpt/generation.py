@@ -134,7 +134,7 @@ def _decode(model, prompt, max_new_tokens, temperature, top_k, top_p, stop_ids, 
         with torch.inference_mode():
             model.set_kv_cache(batch_size=1, max_seq_length=cache_len, device=prompt.device)
             input_pos = torch.arange(T, device=prompt.device)
-            logits = model(prompt[None], input_pos=input_pos)[0, -1]  # (V,) prefill: the whole prompt at once
+            logits = model(prompt[None], input_pos=input_pos, last_only=True)[0, -1]  # (V,) prefill: whole prompt
         for step in range(max_new_tokens):
             with torch.inference_mode():
                 token = sample(logits, temperature, top_k, top_p, generator)  # () int64
@@ -153,6 +153,72 @@ def _decode(model, prompt, max_new_tokens, temperature, top_k, top_p, stop_ids, 
         with torch.inference_mode(False):
             model.clear_kv_cache()
             model.max_seq_length = old_max_seq_length
+
+
+@torch.inference_mode()
+def generate_batch(
+    model: nn.Module,
+    prompts: list[torch.Tensor],
+    max_new_tokens: int,
+    *,
+    stop_ids: Iterable[int] = (),
+    pad_id: int = 0,
+) -> list[list[int]]:
+    """Greedy completions of several prompts at once, one row each; returns the new token ids of every prompt.
+
+    Args:
+        prompts: B token-id tensors, each (T_b,), possibly of different lengths.
+        max_new_tokens: most tokens per completion; a row also ends at its first stop id (not included).
+        pad_id: the token written into padding slots (never attended to, so any id works).
+
+    The prompts are left-padded to a common length L so that every row's next token sits in the same cache
+    slot; `pad_lengths` tells the model where each row really starts, so the positions and attention of
+    each row are the ones it would have alone (same greedy output as `generate`, up to float rounding).
+    """
+    if not prompts:
+        return []
+    config = model.config
+    device = prompts[0].device
+    lengths = [int(p.size(0)) for p in prompts]
+    if min(lengths) == 0:
+        raise ValueError("Every prompt needs at least one token.")
+    L = max(lengths)
+    if L > config.block_size:
+        raise ValueError(
+            f"The longest prompt has {L} tokens but {config.name}'s context (block_size) is {config.block_size}."
+        )
+    stop_ids = {int(i) for i in stop_ids}
+    B = len(prompts)
+    batch = torch.full((B, L), pad_id, dtype=torch.long, device=device)
+    for row, prompt in enumerate(prompts):
+        batch[row, L - lengths[row] :] = prompt
+    pad_lengths = torch.tensor([L - n for n in lengths], device=device)
+    cache_len = min(L + max_new_tokens, config.block_size)
+    old_max_seq_length = model.max_seq_length
+    outputs: list[list[int]] = [[] for _ in range(B)]
+    done = [max_new_tokens <= 0] * B
+    try:
+        model.set_kv_cache(batch_size=B, max_seq_length=cache_len, device=device)
+        logits = model(batch, input_pos=torch.arange(L, device=device), pad_lengths=pad_lengths, last_only=True)
+        for slot in range(L, L + max_new_tokens):
+            tokens = logits[:, -1].argmax(dim=-1)  # (B,)
+            for row, token in enumerate(tokens.tolist()):
+                if done[row]:
+                    continue
+                if token in stop_ids:
+                    done[row] = True
+                else:
+                    outputs[row].append(token)
+                    done[row] = len(outputs[row]) >= max_new_tokens
+            if all(done) or slot >= cache_len:
+                break
+            input_pos = torch.tensor([slot], device=device)
+            logits = model(tokens[:, None], input_pos=input_pos, pad_lengths=pad_lengths)
+    finally:
+        with torch.inference_mode(False):
+            model.clear_kv_cache()
+            model.max_seq_length = old_max_seq_length
+    return outputs
 
 
 def load_model(

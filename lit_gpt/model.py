@@ -57,15 +57,22 @@ class GPT(nn.Module):
         idx: torch.Tensor,
         input_pos: Optional[torch.Tensor] = None,
         targets: Optional[torch.Tensor] = None,
+        pad_lengths: Optional[torch.Tensor] = None,
+        last_only: bool = False,
     ) -> torch.Tensor:
         """Run the model.
 
         Args:
             idx: token ids, (B, T).
-            input_pos: positions of these tokens, (T,). Give it only for KV-cached generation
-                (after `set_kv_cache`); without it the tokens are positions 0..T-1 with causal attention.
+            input_pos: KV-cache slots of these tokens, (T,) — also their positions unless `pad_lengths` is given.
+                Give it only for KV-cached generation (after `set_kv_cache`); without it the tokens are
+                positions 0..T-1 with causal attention.
             targets: next-token ids, (B, T), `IGNORE_INDEX` where no loss is wanted. When given, returns
                 the mean cross-entropy over the positions that carry loss, and the LM head runs only there.
+            pad_lengths: for a left-padded batch in KV-cached generation, (B,): row b's first pad_lengths[b]
+                slots are padding. Its tokens then sit at positions input_pos - pad_lengths[b], and no token
+                attends to padding, so each row computes what it would alone.
+            last_only: return only the last position's logits, (B, 1, V): all a generation prefill needs.
 
         Returns:
             logits (B, T, V), or the scalar loss when `targets` is given.
@@ -78,9 +85,13 @@ class GPT(nn.Module):
                     f"(block_size {self.config.block_size})."
                 )
             cos, sin, mask = self.cos[:T], self.sin[:T], None  # mask None = causal
-        else:
-            cos, sin = self.cos[input_pos], self.sin[input_pos]
+        elif pad_lengths is None:
+            cos, sin = self.cos[input_pos], self.sin[input_pos]  # (T, n)
             mask = self.blocks[0].attn.kv_cache.causal_mask(input_pos)
+        else:
+            positions = (input_pos[None, :] - pad_lengths[:, None]).clamp(min=0)  # (B, T)
+            cos, sin = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)  # (B, 1, T, n)
+            mask = self.blocks[0].attn.kv_cache.causal_mask(input_pos, pad_lengths)
 
         x = self.wte(idx)  # (B, T, C)
         if self.config.scale_embeddings:
@@ -90,7 +101,7 @@ class GPT(nn.Module):
         x = self.ln_f(x)
 
         if targets is None:
-            return self.lm_head(x)  # (B, T, V)
+            return self.lm_head(x[:, -1:] if last_only else x)  # (B, T, V)
         return supervised_cross_entropy(self.lm_head, x, targets)
 
     # --- KV cache for generation --------------------------------------------------------------------
@@ -284,7 +295,7 @@ def llama3_scaled_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tenso
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the first n channels of every head. x: (B, heads, T, D); cos, sin: (T, n) with n <= D."""
+    """Rotate the first n channels of every head. x: (B, heads, T, D); cos, sin: (T, n) or (B, 1, T, n), n <= D."""
     n = cos.size(-1)
     rot, passthrough = x[..., :n], x[..., n:]
     x1, x2 = rot[..., : n // 2], rot[..., n // 2 :]
@@ -309,10 +320,19 @@ class KVCache(nn.Module):
         self.v[: v.size(0)].index_copy_(2, input_pos, v.to(self.v.dtype))
         return self.k[: k.size(0)], self.v[: v.size(0)]
 
-    def causal_mask(self, input_pos: torch.Tensor) -> torch.Tensor:
-        """Boolean (T, max_seq_length): query at input_pos[t] sees cached positions <= input_pos[t]."""
-        cached = torch.arange(self.k.size(2), device=input_pos.device)
-        return cached[None, :] <= input_pos[:, None]
+    def causal_mask(self, input_pos: torch.Tensor, pad_lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Boolean (T, S) with S = max_seq_length: the query in slot input_pos[t] sees slots <= input_pos[t].
+
+        With `pad_lengths` (B,) the mask is (B, 1, T, S) and also hides row b's padding slots < pad_lengths[b]
+        (a padding query still sees itself, so its softmax stays finite; its output is never used).
+        """
+        slots = torch.arange(self.k.size(2), device=input_pos.device)
+        mask = slots[None, :] <= input_pos[:, None]  # (T, S)
+        if pad_lengths is None:
+            return mask
+        real = slots[None, :] >= pad_lengths[:, None]  # (B, S)
+        own = slots[None, :] == input_pos[:, None]  # (T, S)
+        return (mask[None] & (real[:, None, :] | own[None]))[:, None]  # (B, 1, T, S)
 
 
 # --- loss ------------------------------------------------------------------------------------------------
