@@ -146,12 +146,13 @@ def fit(fabric, model, raw_model, optimizer, tokenizer, train_data, val_data, ou
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        progress.update(1, sum(b.tokens for b in micro_batches))
+        progress.update(1, sum(b.tokens for b in micro_batches), sum(b.supervised for b in micro_batches))
         if step % train.log_interval == 0 or step == total_steps:
             steps_logged = step % train.log_interval or train.log_interval
             train_loss = float(fabric.all_reduce(running_loss, reduce_op="sum")) / fabric.world_size / steps_logged
             running_loss.zero_()
-            progress.log(step, {"train_loss": train_loss, "lr": optimizer.param_groups[0]["lr"]}, show=True)
+            progress.log(step, {"train_loss": train_loss, "lr": optimizer.param_groups[0]["lr"], **progress.throughput()},
+                         show=True)
         if step % eval.interval == 0 or step == total_steps:
             val_loss = training.validate(fabric, model, val_data, eval, train.micro_batch_size)
             progress.log(step, {"val_loss": val_loss}, show=True)

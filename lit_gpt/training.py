@@ -262,6 +262,7 @@ class ProgressLog:
             self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
         self.t0, self.tokens = time.perf_counter(), 0
         self.postfix: dict[str, str] = {}
+        self.window = {"t0": self.t0, "steps": 0, "tokens": 0, "supervised": 0}  # since the last throughput()
         self.tb = _tensorboard_writer(out_dir) if fabric.is_global_zero else None
 
     def log(self, step: int, metrics: dict[str, float], show: bool = False) -> None:
@@ -279,16 +280,36 @@ class ProgressLog:
             for name, value in metrics.items():
                 self.tb.add_scalar(name, value, step)
         if show:
-            self.postfix.update({k: f"{v:.4g}" for k, v in metrics.items() if k != "lr"})
+            self.postfix.update({k: f"{v:.4g}" for k, v in metrics.items() if k in ("train_loss", "val_loss")})
 
-    def update(self, steps: int, tokens: int) -> None:
-        """Advance the bar by `steps`; `tokens` are the non-padding tokens they processed (this rank)."""
+    def update(self, steps: int, tokens: int, supervised: int = 0) -> None:
+        """Advance the bar by `steps`; `tokens` are the non-padding tokens they processed (this rank),
+        `supervised` the tokens that carried loss."""
         self.tokens += tokens
+        self.window["steps"] += steps
+        self.window["tokens"] += tokens
+        self.window["supervised"] += supervised
         if self.bar is not None:
             elapsed = time.perf_counter() - self.t0
             tokens_per_s = self.tokens * self.fabric.world_size / max(elapsed, 1e-9)
             self.bar.set_postfix({**self.postfix, "tok/s": f"{tokens_per_s:.0f}"}, refresh=False)
             self.bar.update(steps)
+
+    def throughput(self) -> dict[str, float]:
+        """Speed since the last call (all ranks): seconds per step, non-padding and supervised tokens per second.
+
+        Measured on the host clock: on a GPU it is exact over a logging window, not per step.
+        """
+        now = time.perf_counter()
+        w, elapsed = self.window, max(now - self.window["t0"], 1e-9)
+        world = self.fabric.world_size
+        out = {
+            "step_time_s": elapsed / max(w["steps"], 1),
+            "tokens_per_s": w["tokens"] * world / elapsed,
+            "supervised_tokens_per_s": w["supervised"] * world / elapsed,
+        }
+        self.window = {"t0": now, "steps": 0, "tokens": 0, "supervised": 0}
+        return out
 
     def write(self, text: str) -> None:
         if self.bar is not None:
