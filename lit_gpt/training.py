@@ -256,6 +256,14 @@ class ProgressLog:
     def __init__(self, fabric: L.Fabric, out_dir: Path, total_steps: int, start_step: int) -> None:
         self.fabric, self.path = fabric, out_dir / LOG_FILE
         self.bar = None
+        if fabric.is_global_zero and self.path.exists():
+            # A new run starts a new log; a resumed run drops what the killed run logged after its last save.
+            with open(self.path) as f:
+                rows = [row for row in csv.DictReader(f) if int(row["step"]) <= start_step] if start_step else []
+            with open(self.path, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=["step", "name", "value"])
+                writer.writeheader()
+                writer.writerows(rows)
         if fabric.is_global_zero:
             from tqdm import tqdm
 
