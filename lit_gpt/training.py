@@ -210,9 +210,14 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 # --- validation and samples --------------------------------------------------------------------------------
 @torch.no_grad()
 def validate(fabric: L.Fabric, model: nn.Module, dataset, eval_args: EvalArgs, micro_batch_size: int) -> float:
-    """Token-weighted mean loss over up to `eval_args.max_iters` validation micro-batches, over all ranks."""
+    """Token-weighted mean loss over up to `eval_args.max_iters` validation micro-batches, over all ranks.
+
+    NaN when the validation set is empty (data prepared with --val_split_fraction 0): there is nothing to measure.
+    """
     from lit_gpt.data import collate
 
+    if len(dataset) == 0:
+        return float("nan")
     model.eval()
     starts = list(range(0, len(dataset), micro_batch_size))[: eval_args.max_iters]
     loss_sum, count = 0.0, 0
@@ -230,9 +235,14 @@ def validate(fabric: L.Fabric, model: nn.Module, dataset, eval_args: EvalArgs, m
 
 @torch.no_grad()
 def sample_response(model: nn.Module, tokenizer, dataset, max_new_tokens: int, device) -> tuple[str, str]:
-    """Greedy response to the prompt of the first validation sample: (prompt text, generated text)."""
+    """Greedy response to the prompt of the first validation sample: (prompt text, generated text).
+
+    ("", "") when the validation set is empty.
+    """
     from lit_gpt.generation import generate
 
+    if len(dataset) == 0:
+        return "", ""
     input_ids, labels = dataset[0]
     prompt_len = int((labels == IGNORE_INDEX).sum()) or len(input_ids)
     prompt = input_ids[:prompt_len].to(device)
