@@ -36,6 +36,7 @@ from lit_gpt.checkpoint import (
     load_into_model,
     load_weights_file,
     model_state_dict,
+    tied_parameters,
 )
 from lit_gpt.config import Config
 from lit_gpt.model import GPT
@@ -151,7 +152,11 @@ def load_finetuned(
     config = Config.from_checkpoint(checkpoint_dir)
     with torch.device("meta"):
         model = module.apply(GPT(config), settings_from_dict(method, hparams.get("settings") or {}))
+    ties = tied_parameters(model)
     model = model.to_empty(device=device)  # every tensor is overwritten below; nothing is initialised twice
+    for name, source in ties.items():  # to_empty() gives each module its own tensor: tie them again
+        owner, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(owner), attr, model.get_parameter(source))
     if dtype is not None:
         model = model.to(dtype)
     peft_names = module.peft_parameter_names(model)
