@@ -251,12 +251,13 @@ class RMSNorm(nn.Module):
         self.plus_one = plus_one
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         if self.plus_one:
-            return (x * (1.0 + self.weight.float())).to(dtype)
-        return self.weight * x.to(dtype)
+            weight = 1.0 + self.weight.float()
+            return F.rms_norm(x.float(), (x.size(-1),), weight, self.eps).to(x.dtype)
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)  # one fused kernel
+        # Low precision: normalise in float32, round, then scale (the Llama reference's order of rounding).
+        return self.weight * F.rms_norm(x.float(), (x.size(-1),), None, self.eps).to(x.dtype)
 
 
 def make_norm(config: Config) -> nn.Module:
