@@ -1,0 +1,513 @@
+"""Finetuning throughput: ours vs litgpt 0.5.13 vs transformers + peft, same model, data and settings, on CPU.
+
+The workload: SmolLM2-135M-Instruct in fp32, math_data.json prepared with max_seq_length 512, micro batch 4
+(no gradient accumulation), AdamW at lr 3e-4 with the default warm-up, gradient clipping at 1.0, and for
+LoRA r=8, alpha=16, dropout 0.05 on the query and value projections only. Each tool runs
+`--warmup + --steps` optimizer steps in a fresh process; the first `--warmup` are not measured. Rounds
+alternate the tools (ours, litgpt, hf, ours, litgpt, hf, ...) so that a noisy machine hurts them alike;
+every figure is a median over `--repeats` rounds with its min-max, and each ratio ours / peer is taken
+within a round, then summarised.
+
+* ours: `finetune/<method>.py`; step times, token counts and losses come from its metrics.csv.
+* litgpt: `litgpt finetune_<method>` on a litgpt-format copy of the same weights (our checkpoint →
+  `lit_gpt.convert.convert_lit_checkpoint` → `litgpt convert_to_litgpt`), data through its own JSON
+  module (same file, prompt masking on, its own split and shuffle: litgpt cannot take our order). Step
+  times and losses come from its CSV log; token counts from `benchmarks/litgpt_batches.py`, which rebuilds
+  its batches.
+* hf (LoRA only): `benchmarks/hf_peft_lora.py`, a plain transformers + peft loop over exactly our batches.
+
+Reported per tool: optimizer steps/s, supervised (loss-carrying) tokens/s, non-padding tokens/s, peak RSS of
+the process (GB, including model loading), and the training loss at each step. Also the "useful" model FLOPs
+per step against this CPU's own fp32 matmul ceiling (a timed `torch.mm`): frozen weights cost a forward and
+an input-gradient matmul (4 N per token), the LM head counts only at supervised positions, attention is
+causal (fwd + bwd = 6 L d n^2 per sample of n tokens, with each step's mean sample length), LoRA weights 6 N.
+
+The peers are benchmark-only dependencies, installed here, not by the project: two virtual environments
+under benchmarks/.venv-peers/ made with --system-site-packages (they reuse this torch; a constraints file
+pins it, so pip never installs another). litgpt 0.5.13 pins huggingface-hub<1.4 and jsonargparse<=4.41
+(we have newer ones), and since Lightning imports transformers through torchmetrics, its environment also
+gets the transformers its own `extra` pins (<4.57); peft gets a second one, because transformers 5.x,
+which the hf peer is about, needs huggingface-hub>=1.31.
+
+Example (CPU, the embedded model; about 12 minutes per round with the defaults on 2 cores):
+    python scripts/convert_gguf_checkpoint.py --checkpoint_dir checkpoints/SmolLM2-135M-Instruct
+    python benchmarks/finetune.py --repeats 3 --steps 20
+    python benchmarks/finetune.py --method adapter_v2 --tools ours,litgpt --repeats 3
+    python benchmarks/finetune.py --tools ours --extra_ours "--train.group_by_length false" --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from lit_gpt.checkpoint import WEIGHTS_FILE, file_fingerprint
+from lit_gpt.config import Config
+from lit_gpt.convert import convert_lit_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+LITGPT_VERSION = "0.5.13"
+PEFT_VERSION = "0.21.2"
+# What each peer environment installs (besides what it reuses from this Python's site-packages).
+PEER_PACKAGES = {
+    "litgpt": [f"litgpt=={LITGPT_VERSION}", "transformers>=4.51.3,<4.57"],
+    "hf": [f"peft=={PEFT_VERSION}"],
+}
+TOOLS = ("ours", "litgpt", "hf")
+METHODS = ("lora", "adapter", "adapter_v2")
+FAR = 100_000  # an interval no run reaches: no evaluation or checkpoint inside the measured steps
+METRICS = ("steps_per_s", "supervised_tokens_per_s", "tokens_per_s", "peak_rss_gb", "mfu")
+
+
+# --- setup: peer environments, data, checkpoints ----------------------------------------------------------
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def ensure_venv(venv: Path, packages: list[str]) -> Path:
+    """Create `venv` (reusing this interpreter's packages) and pip-install `packages` into it; return its bin/.
+
+    torch and lightning are pinned to this interpreter's versions through a constraints file, so no peer can
+    pull in another build. A stamp file skips the install when the same packages were installed before.
+    """
+    stamp, bin_dir = venv / "installed.json", venv / "bin"
+    torch_version = torch.__version__.split("+")[0]
+    wanted = {"packages": packages, "torch": torch_version}
+    if stamp.is_file() and json.loads(stamp.read_text()) == wanted and (bin_dir / "python").exists():
+        return bin_dir
+    log(f"creating the peer environment {venv} with {' '.join(packages)}")
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+    pins = [f"torch=={torch_version}"]
+    try:
+        import lightning
+
+        pins.append(f"lightning=={lightning.__version__}")
+    except ImportError:
+        pass
+    constraints = venv / "constraints.txt"
+    constraints.write_text("\n".join(pins) + "\n")
+    subprocess.run([str(bin_dir / "python"), "-m", "pip", "install", "-q", "-c", str(constraints), *packages], check=True)
+    check = f"import torch; assert torch.__version__.split('+')[0] == {torch_version!r}, torch.__version__"
+    subprocess.run([str(bin_dir / "python"), "-c", check], check=True)
+    stamp.write_text(json.dumps(wanted))
+    return bin_dir
+
+
+def cached(directory: Path, key: dict, build) -> Path:
+    """Build `directory` with `build(directory)` unless it was built before from the same `key`."""
+    stamp = directory / ".built-from.json"
+    if stamp.is_file() and json.loads(stamp.read_text()) == key:
+        return directory
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(parents=True)
+    build(directory)
+    stamp.write_text(json.dumps(key))
+    return directory
+
+
+def prepare_data(args, work: Path) -> Path:
+    key = {"data_file": str(args.data_file.resolve()), "size": args.data_file.stat().st_size,
+           "tokenizer": file_fingerprint(args.checkpoint_dir / "tokenizer.json")
+           if (args.checkpoint_dir / "tokenizer.json").is_file() else "", "max_seq_length": args.max_seq_length,
+           "val_split_fraction": args.val_split_fraction}
+
+    def build(directory: Path) -> None:
+        log(f"preparing {args.data_file} into {directory}")
+        subprocess.run(
+            [sys.executable, "scripts/prepare_json.py", "--checkpoint_dir", str(args.checkpoint_dir),
+             "--data_file", str(args.data_file), "--destination_path", str(directory),
+             "--max_seq_length", str(args.max_seq_length), "--val_split_fraction", str(args.val_split_fraction)],
+            cwd=ROOT, check=True, stdout=subprocess.DEVNULL,
+        )
+
+    return cached(work / "data", key, build)
+
+
+def hf_checkpoint(args, work: Path) -> Path:
+    key = {"base": file_fingerprint(args.checkpoint_dir / WEIGHTS_FILE)}
+
+    def build(directory: Path) -> None:
+        log(f"converting {args.checkpoint_dir} to Hugging Face format in {directory}")
+        convert_lit_checkpoint(args.checkpoint_dir, directory)
+
+    return cached(work / "hf", key, build)
+
+
+def litgpt_checkpoint(args, work: Path, hf_dir: Path, litgpt_bin: Path) -> Path:
+    name = args.litgpt_model_name or Config.from_checkpoint(args.checkpoint_dir).name
+    key = {"base": file_fingerprint(args.checkpoint_dir / WEIGHTS_FILE), "model_name": name}
+
+    def build(directory: Path) -> None:
+        log(f"converting to litgpt's format ({name}) in {directory}")
+        for f in hf_dir.iterdir():
+            if f.is_file() and not f.name.startswith("."):
+                os.symlink(f.resolve(), directory / f.name)
+        subprocess.run([str(litgpt_bin / "litgpt"), "convert_to_litgpt", str(directory), "--model_name", name],
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        (directory / "model.safetensors").unlink()  # litgpt trains from lit_model.pth; the HF copy is in hf/
+
+    return cached(work / "litgpt_checkpoint", key, build)
+
+
+def split_flags(text: str) -> list[str]:
+    """Split a flags string on spaces, keeping "double-quoted parts" together (shell-like, enough for flags)."""
+    text = text.strip()
+    return [part for part in next(csv.reader([text], delimiter=" ", quotechar='"', skipinitialspace=True))] if text else []
+
+
+def join_command(cmd: list[str]) -> str:
+    """A command as one string to paste into a shell (arguments with spaces or quotes single-quoted)."""
+    return " ".join(f"'{c}'" if any(ch in c for ch in " \"{}$") else c for c in cmd)
+
+
+# --- running one tool -------------------------------------------------------------------------------------
+def run_measured(cmd: list[str], log_file: Path) -> tuple[float, float]:
+    """Run `cmd` from the repository root, output to `log_file`; return (wall seconds, peak RSS in GB).
+
+    The peak RSS is the child's own (os.wait4), the largest over it and any process it waited for.
+    """
+    start = time.perf_counter()
+    with open(log_file, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1", "TQDM_MININTERVAL": "5"})
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        tail = "".join(log_file.read_text(errors="replace").splitlines(keepends=True)[-15:])
+        raise RuntimeError(f"exit code {proc.returncode}: {join_command(cmd)}\n--- last lines of {log_file} ---\n{tail}")
+    return wall, usage.ru_maxrss * 1024 / 1e9  # ru_maxrss is in KiB on Linux
+
+
+def method_flags(method: str) -> list[str]:
+    """The method's own settings, spelled the same way by ours and litgpt."""
+    if method == "lora":
+        return ["--lora_r", "8", "--lora_alpha", "16", "--lora_dropout", "0.05", "--lora_query", "true",
+                "--lora_key", "false", "--lora_value", "true", "--lora_projection", "false", "--lora_mlp", "false",
+                "--lora_head", "false"]
+    return []
+
+
+def run_ours(args, ctx, out_dir: Path) -> dict:
+    total = args.warmup + args.steps
+    cmd = [sys.executable, f"finetune/{args.method}.py", "--checkpoint_dir", str(args.checkpoint_dir),
+           "--data_dir", str(ctx["data_dir"]), "--out_dir", str(out_dir), "--precision", "32-true",
+           "--train.micro_batch_size", str(args.micro_batch_size), "--train.global_batch_size",
+           str(args.micro_batch_size), "--train.max_steps", str(total), "--train.learning_rate", str(args.lr),
+           "--train.log_interval", "1", "--train.save_interval", str(FAR), "--eval.interval", str(FAR),
+           "--eval.max_iters", "1", "--eval.max_new_tokens", "1", *method_flags(args.method), *args.extra_ours]
+    wall, rss = run_measured(cmd, out_dir.with_suffix(".log"))
+    rows: dict[int, dict[str, float]] = {}
+    with open(out_dir / "metrics.csv") as f:
+        for row in csv.DictReader(f):
+            rows.setdefault(int(row["step"]), {})[row["name"]] = float(row["value"])
+    steps = []
+    for step in range(1, total + 1):
+        r = rows[step]
+        steps.append({"step": step, "time_s": r["step_time_s"], "tokens": round(r["tokens_per_s"] * r["step_time_s"]),
+                      "supervised": round(r["supervised_tokens_per_s"] * r["step_time_s"]), "loss": r["train_loss"]})
+    return {"steps": steps, "wall_s": wall, "peak_rss_gb": rss, "command": join_command(cmd)}
+
+
+def run_litgpt(args, ctx, out_dir: Path) -> dict:
+    total = args.warmup + args.steps
+    optimizer = json.dumps({"class_path": "torch.optim.AdamW", "init_args": {"lr": args.lr, "weight_decay": 0.01}})
+    cmd = [str(ctx["litgpt_bin"] / "litgpt"), f"finetune_{args.method}", str(ctx["litgpt_checkpoint"]),
+           "--out_dir", str(out_dir), "--precision", "32-true", "--data", "JSON", "--data.json_path",
+           str(args.data_file), "--data.val_split_fraction", str(args.val_split_fraction), "--data.mask_prompt", "true",
+           "--train.micro_batch_size", str(args.micro_batch_size), "--train.global_batch_size",
+           str(args.micro_batch_size), "--train.max_steps", str(total), "--train.max_seq_length",
+           str(args.max_seq_length), "--train.max_norm", "1.0", "--train.log_interval", "1", "--train.save_interval",
+           str(FAR), "--eval.interval", str(FAR), "--eval.initial_validation", "false", "--eval.final_validation",
+           "false", "--eval.max_new_tokens", "1", "--optimizer", optimizer, "--logger_name", "csv",
+           *method_flags(args.method), *args.extra_litgpt]
+    wall, rss = run_measured(cmd, out_dir.with_suffix(".log"))
+    logs = sorted((out_dir / "logs" / "csv").glob("version_*/metrics.csv"))
+    if not logs:
+        raise RuntimeError(f"litgpt wrote no CSV log under {out_dir / 'logs' / 'csv'}")
+    by_iter: dict[int, dict[str, float]] = {}
+    with open(logs[-1]) as f:
+        for row in csv.DictReader(f):
+            values = {k: float(v) for k, v in row.items() if v not in ("", None)}
+            # Two rows per logged iteration (its ThroughputMonitor's and its metrics), both keyed by the iteration
+            # in "step" (the metrics' own "step" is the optimizer step: the same here, without accumulation).
+            if "step" in values:
+                by_iter.setdefault(int(values["step"]), {}).update(values)
+    counts = ctx["litgpt_counts"]
+    steps, previous = [], 0.0
+    for it in range(1, total + 1):  # no gradient accumulation: one iteration per step
+        r = by_iter[it]
+        # Seconds between successive log calls (like ours' windows); `time` is cumulative since the loop began.
+        step_time = r["time"] - previous if "time" in r else r["iter_time"]
+        previous = r.get("time", previous + step_time)
+        steps.append({"step": it, "time_s": step_time, "tokens": counts[it - 1]["tokens"],
+                      "supervised": counts[it - 1]["supervised"], "loss": r["loss"],
+                      "logged_tokens": r.get("tokens")})
+    # litgpt logs cumulative non-padding tokens (sample lengths); check that the rebuilt batches are its batches.
+    expected = 0
+    match = True
+    for s, c in zip(steps, counts):
+        expected += c["tokens"] + args.micro_batch_size
+        match &= s["logged_tokens"] is None or abs(s["logged_tokens"] - expected) <= args.micro_batch_size
+    return {"steps": steps, "wall_s": wall, "peak_rss_gb": rss, "command": join_command(cmd), "batches_match_log": match}
+
+
+def run_hf(args, ctx, out_dir: Path) -> dict:
+    if args.method != "lora":
+        raise ValueError("the transformers + peft peer runs LoRA only")
+    total = args.warmup + args.steps
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cmd = [str(ctx["hf_bin"] / "python"), "benchmarks/hf_peft_lora.py", "--hf_dir", str(ctx["hf_dir"]),
+           "--data_dir", str(ctx["data_dir"]), "--out_file", str(out_dir / "steps.json"), "--steps", str(total),
+           "--micro_batch_size", str(args.micro_batch_size), "--global_batch_size", str(args.micro_batch_size),
+           "--learning_rate", str(args.lr), *args.extra_hf]
+    wall, rss = run_measured(cmd, out_dir.with_suffix(".log"))
+    result = json.loads((out_dir / "steps.json").read_text())
+    return {"steps": result["steps"], "wall_s": wall, "peak_rss_gb": rss, "command": join_command(cmd),
+            "versions": result["versions"]}
+
+
+RUNNERS = {"ours": run_ours, "litgpt": run_litgpt, "hf": run_hf}
+
+
+# --- FLOPs and the matmul ceiling -------------------------------------------------------------------------
+def matmul_ceiling(size: int = 2048, repeats: int = 10) -> dict:
+    """This CPU's fp32 matmul speed (GFLOP/s): best and median of `repeats` timed size x size `torch.mm`s."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    for _ in range(3):
+        torch.mm(a, b)
+    rates = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        rates.append(2 * size**3 / (time.perf_counter() - start) / 1e9)
+    return {"size": size, "threads": torch.get_num_threads(), "best_gflops": max(rates),
+            "median_gflops": statistics.median(rates)}
+
+
+def model_sizes(checkpoint_dir: Path, method: str) -> dict:
+    """Parameter counts for the FLOPs estimate, from the config (model built on the meta device)."""
+    from lit_gpt.model import GPT
+
+    config = Config.from_checkpoint(checkpoint_dir)
+    with torch.device("meta"):
+        model = GPT(config)
+    embedding = {id(model.wte.weight), id(model.lm_head.weight)}
+    blocks = sum(p.numel() for p in model.parameters() if id(p) not in embedding)
+    # The method's trainable weights (LoRA on q and v: r (C + out) each, per layer); small, counted as 6 N.
+    r = 8
+    trainable = 0
+    if method == "lora":
+        q_out, v_out = config.n_head * config.head_size, config.n_query_groups * config.head_size
+        trainable = config.n_layer * r * (2 * config.n_embd + q_out + v_out)
+    return {"blocks": blocks, "head": config.n_embd * config.padded_vocab_size, "layers": config.n_layer,
+            "attn_dim": config.n_head * config.head_size, "trainable": trainable}
+
+
+def step_flops(sizes: dict, tokens: int, supervised: int, batch: int) -> float:
+    """Useful model FLOPs of one optimizer step (see the module docstring)."""
+    mean_len = tokens / max(batch, 1)
+    attention = 6 * sizes["layers"] * sizes["attn_dim"] * mean_len**2 * batch
+    return 4 * sizes["blocks"] * tokens + 6 * sizes["trainable"] * tokens + 4 * sizes["head"] * supervised + attention
+
+
+# --- summarising ------------------------------------------------------------------------------------------
+def summarise_run(run: dict, warmup: int, sizes: dict, batch: int, ceiling: float) -> dict:
+    measured = [s for s in run["steps"] if s["step"] > warmup]
+    seconds = sum(s["time_s"] for s in measured)
+    flops = sum(step_flops(sizes, s["tokens"], s["supervised"], batch) for s in measured)
+    return {
+        "steps_per_s": len(measured) / seconds,
+        "supervised_tokens_per_s": sum(s["supervised"] for s in measured) / seconds,
+        "tokens_per_s": sum(s["tokens"] for s in measured) / seconds,
+        "peak_rss_gb": run["peak_rss_gb"],
+        "mfu": flops / seconds / (ceiling * 1e9),
+        "gflops_per_s": flops / seconds / 1e9,
+        "measured_steps": len(measured),
+    }
+
+
+def spread(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+def fmt(s: dict, digits: int = 3) -> str:
+    return f"{s['median']:.{digits}g} ({s['min']:.{digits}g}-{s['max']:.{digits}g})"
+
+
+def report(result: dict) -> None:
+    tools, summary = result["tools"], result["summary"]
+    print(f"\nFinetuning ({result['settings']['method']}), {result['settings']['steps']} measured steps after "
+          f"{result['settings']['warmup']} warm-up, {result['settings']['repeats']} round(s); median (min-max)")
+    header = ["tool", "steps/s", "supervised tok/s", "tokens/s", "peak RSS GB", "useful MFU %"]
+    rows = []
+    for tool in tools:
+        if tool not in summary:
+            continue
+        s = summary[tool]
+        mfu = {k: 100 * v if k != "n" else v for k, v in s["mfu"].items()}
+        rows.append([tool, fmt(s["steps_per_s"]), fmt(s["supervised_tokens_per_s"]), fmt(s["tokens_per_s"]),
+                     fmt(s["peak_rss_gb"]), fmt(mfu, 2)])
+    for peer, ratio in result["ratios"].items():
+        rows.append([f"ours/{peer}", fmt(ratio["steps_per_s"]), fmt(ratio["supervised_tokens_per_s"]),
+                     fmt(ratio["tokens_per_s"]), fmt(ratio["peak_rss_gb"]), ""])
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    for r in [header, *rows]:
+        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)))
+    c = result["machine"]["matmul"]
+    print(f"fp32 matmul ceiling: {c['best_gflops']:.1f} GFLOP/s best, {c['median_gflops']:.1f} median "
+          f"({c['size']}^3 torch.mm, {c['threads']} threads); MFU uses the best.")
+    losses = result["loss_by_step"]
+    steps = sorted({int(k) for tool in losses.values() for k in tool})
+    if steps:
+        print("\ntraining loss by step (median over rounds; ours and hf see the same batches, litgpt its own):")
+        print("step  " + "  ".join(f"{t:>8}" for t in losses))
+        for step in steps:
+            print(f"{step:>4}  " + "  ".join(
+                f"{losses[t][str(step)]:>8.4f}" if str(step) in losses[t] else f"{'':>8}" for t in losses))
+    for tool, errors in result["errors"].items():
+        for e in errors:
+            print(f"\n{tool} failed: {e}", file=sys.stderr)
+
+
+# --- main -------------------------------------------------------------------------------------------------
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint_dir", type=Path, default=Path("checkpoints/SmolLM2-135M-Instruct"))
+    p.add_argument("--data_file", type=Path, default=ROOT.parent / "shared" / "data" / "math_data.json")
+    p.add_argument("--method", choices=METHODS, default="lora")
+    p.add_argument("--tools", default="ours,litgpt,hf", help="comma-separated, run in this order every round")
+    p.add_argument("--repeats", type=int, default=3, help="rounds (each runs every tool once)")
+    p.add_argument("--steps", type=int, default=20, help="measured optimizer steps per run")
+    p.add_argument("--warmup", type=int, default=3, help="optimizer steps run first and not measured")
+    p.add_argument("--micro_batch_size", type=int, default=4)
+    p.add_argument("--max_seq_length", type=int, default=512)
+    p.add_argument("--val_split_fraction", type=float, default=0.05)
+    p.add_argument("--lr", type=float, default=3e-4)
+    # Extra flags per tool, appended last (so they override): --extra_ours "--precision bf16-true".
+    # A single flag without a space needs '=': --extra_ours="--train.group_by_length=false".
+    p.add_argument("--extra_ours", default="", help="extra flags for finetune/<method>.py")
+    p.add_argument("--extra_litgpt", default="", help="extra flags for litgpt finetune_<method>")
+    p.add_argument("--extra_hf", default="", help="extra flags for benchmarks/hf_peft_lora.py")
+    p.add_argument("--litgpt_model_name", default=None, help="litgpt's config name (default: ours)")
+    p.add_argument("--venv_dir", type=Path, default=ROOT / "benchmarks" / ".venv-peers")
+    p.add_argument("--work_dir", type=Path, default=ROOT / "benchmarks" / "results" / "finetune_work",
+                   help="prepared data, converted checkpoints (reused) and each run's output")
+    p.add_argument("--out_file", type=Path, default=ROOT / "benchmarks" / "results" / "finetune.json")
+    args = p.parse_args(argv)
+    args.tools = [t.strip() for t in args.tools.split(",") if t.strip()]
+    unknown = set(args.tools) - set(TOOLS)
+    if unknown:
+        p.error(f"--tools: unknown {sorted(unknown)}; choose from {','.join(TOOLS)}")
+    if args.method != "lora" and "hf" in args.tools:
+        log(f"note: the transformers + peft peer runs LoRA only; leaving hf out for --method {args.method}")
+        args.tools.remove("hf")
+    for name in ("extra_ours", "extra_litgpt", "extra_hf"):
+        setattr(args, name, split_flags(getattr(args, name)))
+    if not args.data_file.is_file():
+        p.error(f"--data_file {args.data_file} does not exist (math_data.json lives in ../shared/data)")
+    args.checkpoint_dir = args.checkpoint_dir.resolve()
+    args.data_file = args.data_file.resolve()
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    work = args.work_dir.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    ctx: dict = {"data_dir": prepare_data(args, work)}
+    if "hf" in args.tools or "litgpt" in args.tools:
+        ctx["hf_dir"] = hf_checkpoint(args, work)
+    if "hf" in args.tools:
+        ctx["hf_bin"] = ensure_venv(args.venv_dir / "hf", PEER_PACKAGES["hf"])
+    if "litgpt" in args.tools:
+        ctx["litgpt_bin"] = ensure_venv(args.venv_dir / "litgpt", PEER_PACKAGES["litgpt"])
+        ctx["litgpt_checkpoint"] = litgpt_checkpoint(args, work, ctx["hf_dir"], ctx["litgpt_bin"])
+        counts_file = work / "litgpt_batches.json"
+        subprocess.run(
+            [str(ctx["litgpt_bin"] / "python"), "benchmarks/litgpt_batches.py", "--checkpoint_dir",
+             str(ctx["litgpt_checkpoint"]), "--json_path", str(args.data_file), "--val_split_fraction",
+             str(args.val_split_fraction), "--micro_batch_size", str(args.micro_batch_size), "--max_seq_length",
+             str(args.max_seq_length), "--batches", str(args.warmup + args.steps), "--out_file", str(counts_file)],
+            cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        ctx["litgpt_counts"] = json.loads(counts_file.read_text())
+
+    ceilings = [matmul_ceiling()]
+    sizes = model_sizes(args.checkpoint_dir, args.method)
+    runs: list[dict] = []
+    errors: dict[str, list[str]] = {}
+    started = time.perf_counter()
+    for round_ in range(args.repeats):
+        for tool in args.tools:
+            out_dir = work / "runs" / f"{tool}-{args.method}-{round_}"
+            shutil.rmtree(out_dir, ignore_errors=True)
+            log(f"round {round_ + 1}/{args.repeats}: {tool}")
+            try:
+                run = RUNNERS[tool](args, ctx, out_dir)
+            except Exception as e:  # one failing tool must not lose the others' numbers
+                errors.setdefault(tool, []).append(str(e))
+                log(f"{tool} failed: {str(e).splitlines()[0]}")
+                continue
+            run.update(tool=tool, round=round_)
+            runs.append(run)
+            step_s = statistics.median(s["time_s"] for s in run["steps"] if s["step"] > args.warmup)
+            log(f"  {tool}: median step {step_s:.2f} s, wall {run['wall_s']:.0f} s, peak RSS {run['peak_rss_gb']:.2f} GB")
+        ceilings.append(matmul_ceiling())
+    ceiling = {"size": ceilings[0]["size"], "threads": ceilings[0]["threads"],
+               "best_gflops": max(c["best_gflops"] for c in ceilings),
+               "median_gflops": statistics.median(c["median_gflops"] for c in ceilings)}
+
+    for run in runs:
+        run["summary"] = summarise_run(run, args.warmup, sizes, args.micro_batch_size, ceiling["best_gflops"])
+    summary, loss_by_step = {}, {}
+    for tool in args.tools:
+        mine = [r for r in runs if r["tool"] == tool]
+        if not mine:
+            continue
+        summary[tool] = {m: spread([r["summary"][m] for r in mine]) for m in (*METRICS, "gflops_per_s")}
+        steps = sorted({s["step"] for r in mine for s in r["steps"]})
+        loss_by_step[tool] = {str(k): statistics.median(s["loss"] for r in mine for s in r["steps"] if s["step"] == k)
+                              for k in steps}
+    ratios = {}
+    for peer in args.tools:
+        if peer == "ours":
+            continue
+        pairs = [(o, p) for o in runs for p in runs if o["tool"] == "ours" and p["tool"] == peer
+                 and o["round"] == p["round"]]
+        if pairs:
+            ratios[peer] = {m: spread([o["summary"][m] / p["summary"][m] for o, p in pairs]) for m in METRICS}
+
+    result = {
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "tools": args.tools,
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
+                    "matmul": ceiling, "load_average": os.getloadavg()},
+        "model_sizes": sizes,
+        "summary": summary,
+        "ratios": ratios,
+        "loss_by_step": loss_by_step,
+        "errors": errors,
+        "runs": runs,
+        "wall_s": time.perf_counter() - started,
+    }
+    args.out_file.parent.mkdir(parents=True, exist_ok=True)
+    args.out_file.write_text(json.dumps(result, indent=1))
+    report(result)
+    print(f"\n{len(runs)} runs in {result['wall_s'] / 60:.1f} min; results in {args.out_file}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
