@@ -105,7 +105,7 @@ def main(fabric, checkpoint_dir, data_dir, out_dir, resume, settings, train, eva
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=train.learning_rate, weight_decay=train.weight_decay)
     raw_model = model
-    model, optimizer = fabric.setup(model, optimizer)
+    model, optimizer = fabric.setup(training.prepare_model_for_training(model, train), optimizer)
 
     step, position = 0, DataPosition()
     if resume:
@@ -138,7 +138,7 @@ def fit(fabric, model, raw_model, optimizer, tokenizer, train_data, val_data, ou
         for i, batch in enumerate(micro_batches):
             weight = batch.supervised * fabric.world_size / max(step_supervised, 1)
             with fabric.no_backward_sync(model, enabled=i < len(micro_batches) - 1):
-                loss = model(batch.input_ids.to(fabric.device), targets=batch.targets.to(fabric.device)) * weight
+                loss = model(**batch.model_inputs(fabric.device)) * weight
                 fabric.backward(loss)
             running_loss += loss.detach()
         if train.grad_clip > 0:

@@ -30,6 +30,12 @@ class TrainArgs:
         save_interval: optimizer steps between checkpoints (trainable weights + resume state).
         seed: seeds weight init of the PEFT layers, data order and dropout.
         group_by_length: batch samples of similar length together (seeded), which cuts padding.
+        packing: fill each row with several samples back to back (each attends only to itself and restarts
+            its positions), so almost no token is padding. Micro batches then hold more samples, so the
+            training trajectory differs from an unpacked run; each sample's loss is unchanged.
+        activation_checkpointing: keep only each block's input and recompute the rest in backward: less
+            memory for activations at ~30% more compute.
+        compile: `torch.compile` the model for training (slow first steps while it compiles).
     """
 
     micro_batch_size: int = 4
@@ -45,6 +51,9 @@ class TrainArgs:
     save_interval: int = 1000
     seed: int = 1337
     group_by_length: bool = True
+    packing: bool = False
+    activation_checkpointing: bool = False
+    compile: bool = False
 
     def validate(self, devices: int) -> None:
         """Fail early, naming the flags, for combinations that cannot work."""

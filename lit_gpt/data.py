@@ -722,6 +722,33 @@ def collate(
     return input_ids, targets
 
 
+def collate_packed(
+    rows: Sequence[Sequence[tuple[torch.Tensor, torch.Tensor]]], pad_id: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pack several samples into each row: (input_ids, targets, positions), each (B, T).
+
+    Each sample contributes its next-token pairs exactly as in `collate` (t_0..t_{n-2} -> l_1..l_{n-1}), back to
+    back; `positions` restart at 0 for every sample, which is also how the model tells samples apart (see
+    `lit_gpt.model.packed_causal_mask`), so no token attends across samples and each sample's loss is what
+    it would be alone. The padding at the end of a row gets position 0 (a sample of its own) and no loss.
+    """
+    if not rows or not any(rows):
+        raise DataError("collate_packed: no samples to batch.")
+    T = max(sum(len(ids) - 1 for ids, _ in row) for row in rows)
+    input_ids = torch.full((len(rows), T), pad_id, dtype=torch.int64)
+    targets = torch.full((len(rows), T), IGNORE_INDEX, dtype=torch.int64)
+    positions = torch.zeros((len(rows), T), dtype=torch.int64)
+    for b, row in enumerate(rows):
+        start = 0
+        for ids, labels in row:
+            m = len(ids) - 1
+            input_ids[b, start : start + m] = ids[:m]
+            targets[b, start : start + m] = labels[1 : m + 1]
+            positions[b, start : start + m] = torch.arange(m)
+            start += m
+    return input_ids, targets, positions
+
+
 def get_batch(
     dataset: InstructionDataset, indices: Iterable[int], pad_id: int = 0, max_seq_length: Optional[int] = None
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from lit_gpt.config import Config
 
@@ -32,6 +33,7 @@ class GPT(nn.Module):
         if config.tie_embeddings:
             self.lm_head.weight = self.wte.weight
         self.max_seq_length = config.block_size  # rebuilds the RoPE cache
+        self.activation_checkpointing = False  # TrainArgs.activation_checkpointing turns it on
 
     # ------------------------------------------------------------------------------------------------
     @property
@@ -59,6 +61,7 @@ class GPT(nn.Module):
         targets: Optional[torch.Tensor] = None,
         pad_lengths: Optional[torch.Tensor] = None,
         last_only: bool = False,
+        positions: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Run the model.
 
@@ -73,6 +76,8 @@ class GPT(nn.Module):
                 slots are padding. Its tokens then sit at positions input_pos - pad_lengths[b], and no token
                 attends to padding, so each row computes what it would alone.
             last_only: return only the last position's logits, (B, 1, V): all a generation prefill needs.
+            positions: for packed training rows, (B, T): several samples back to back, each starting again at
+                position 0. A token then attends only to earlier tokens of its own sample.
 
         Returns:
             logits (B, T, V), or the scalar loss when `targets` is given.
@@ -84,7 +89,11 @@ class GPT(nn.Module):
                     f"Cannot forward a sequence of length {T}: max_seq_length is {self.max_seq_length} "
                     f"(block_size {self.config.block_size})."
                 )
-            cos, sin, mask = self.cos[:T], self.sin[:T], None  # mask None = causal
+            if positions is None:
+                cos, sin, mask = self.cos[:T], self.sin[:T], None  # mask None = causal
+            else:
+                cos, sin = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)  # (B, 1, T, n)
+                mask = packed_causal_mask(positions)
         elif pad_lengths is None:
             cos, sin = self.cos[input_pos], self.sin[input_pos]  # (T, n)
             mask = self.blocks[0].attn.kv_cache.causal_mask(input_pos)
@@ -97,7 +106,11 @@ class GPT(nn.Module):
         if self.config.scale_embeddings:
             x = x * torch.tensor(self.config.n_embd**0.5, dtype=x.dtype)
         for block in self.blocks:
-            x = block(x, cos, sin, mask, input_pos)
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                # Keep only each block's input; recompute its activations during backward (less memory, ~30% slower).
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, mask, input_pos, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, mask, input_pos)
         x = self.ln_f(x)
 
         if targets is None:
@@ -303,6 +316,14 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     rotated = torch.cat((-x2, x1), dim=-1)
     roped = (rot * cos + rotated * sin).to(x.dtype)
     return roped if n == x.size(-1) else torch.cat((roped, passthrough), dim=-1)
+
+
+def packed_causal_mask(positions: torch.Tensor) -> torch.Tensor:
+    """Boolean (B, 1, T, T) for packed rows: causal, and only within a sample (a sample starts at position 0)."""
+    sample = (positions == 0).cumsum(dim=-1)  # (B, T): which sample of the row each token belongs to
+    T = positions.size(-1)
+    causal = torch.ones(T, T, dtype=torch.bool, device=positions.device).tril()
+    return ((sample[:, :, None] == sample[:, None, :]) & causal)[:, None]
 
 
 # --- KV cache --------------------------------------------------------------------------------------------

@@ -135,6 +135,7 @@ class BatchStream:
         self.dataset, self.train, self.rank, self.world, self.pad_id = dataset, train, rank, world_size, pad_id
         self._epoch_order = epoch_order
         self.position = DataPosition()
+        self.row_length = int(max(dataset.lengths)) - 1 if train.packing else 0
         self._order: Optional[list[int]] = None
         self._order_epoch = -1
 
@@ -152,6 +153,7 @@ class BatchStream:
         return self._order
 
     def _take(self, n: int) -> list[int]:
+        """The next `n` sample indices of the order, moving on to the next epoch when one ends."""
         out: list[int] = []
         while len(out) < n:
             order = self._order_for(self.position.epoch)
@@ -166,14 +168,40 @@ class BatchStream:
         """This rank's micro-batches for the next optimizer step."""
         from lit_gpt.data import collate
 
+        if self.train.packing:
+            return self._next_packed_step()
         micro = self.train.micro_batch_size
         indices = self._take(self.train.global_batch_size)
         batches = []
         for start in range(0, len(indices), micro * self.world):
             samples = [self.dataset[i] for i in indices[start + self.rank * micro : start + (self.rank + 1) * micro]]
             input_ids, targets = collate(samples, pad_id=self.pad_id)
-            supervised = int((targets != IGNORE_INDEX).sum())
-            batches.append(MicroBatch(input_ids, targets, supervised, sum(len(s[0]) - 1 for s in samples)))
+            batches.append(MicroBatch.of(input_ids, targets, tokens=sum(len(s[0]) - 1 for s in samples)))
+        return batches
+
+    def _next_packed_step(self) -> list[MicroBatch]:
+        """`global_batch_size` packed rows of up to `row_length` tokens, filled with consecutive samples."""
+        from lit_gpt.data import collate_packed
+
+        rows: list[list] = []
+        while len(rows) < self.train.global_batch_size:
+            row, used = [], 0
+            while True:
+                # Peek before taking, so the saved position never includes a sample that went into no row.
+                index = self._order_for(self.position.epoch)[self.position.index]
+                n = int(self.dataset.lengths[index]) - 1
+                if row and used + n > self.row_length:
+                    break
+                row.append(self.dataset[self._take(1)[0]])
+                used += n
+            rows.append(row)
+        micro = self.train.micro_batch_size
+        batches = []
+        for start in range(0, len(rows), micro * self.world):
+            mine = rows[start + self.rank * micro : start + (self.rank + 1) * micro]
+            input_ids, targets, positions = collate_packed(mine, pad_id=self.pad_id)
+            tokens = sum(len(s[0]) - 1 for row in mine for s in row)
+            batches.append(MicroBatch.of(input_ids, targets, tokens=tokens, positions=positions))
         return batches
 
 
@@ -183,6 +211,27 @@ class MicroBatch:
     targets: torch.Tensor  # (B, T), IGNORE_INDEX where no loss
     supervised: int  # targets that carry loss
     tokens: int  # non-padding input tokens
+    positions: Optional[torch.Tensor] = None  # (B, T) for packed rows
+
+    @classmethod
+    def of(cls, input_ids, targets, tokens: int, positions=None) -> "MicroBatch":
+        return cls(input_ids, targets, int((targets != IGNORE_INDEX).sum()), tokens, positions)
+
+    def model_inputs(self, device) -> dict[str, torch.Tensor]:
+        """Keyword arguments of `model(...)` for this batch, on `device`: the loss comes back."""
+        inputs = {"idx": self.input_ids, "targets": self.targets}
+        if self.positions is not None:
+            inputs["positions"] = self.positions
+        return {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
+
+
+def prepare_model_for_training(model: nn.Module, train: TrainArgs) -> nn.Module:
+    """Apply the speed/memory switches of TrainArgs: activation checkpointing and torch.compile."""
+    model.activation_checkpointing = train.activation_checkpointing
+    if train.compile:
+        # dynamic=True: batch lengths vary from step to step; one graph serves them all.
+        model = torch.compile(model, dynamic=True)
+    return model
 
 
 def global_sum(fabric: L.Fabric, value: float) -> float:

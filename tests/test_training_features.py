@@ -1,0 +1,107 @@
+"""The speed/memory switches of training change how the loss is computed, never its value."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from conftest import tiny_llama_config
+from lit_gpt.args import TrainArgs
+from lit_gpt.data import InstructionDataset, collate, collate_packed
+from lit_gpt.model import GPT, IGNORE_INDEX, supervised_cross_entropy
+from lit_gpt.training import BatchStream, DataPosition
+
+
+def _samples(n: int, seed: int = 0, vocab: int = 64):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        length = int(torch.randint(4, 14, (1,), generator=g))
+        ids = torch.randint(0, vocab, (length,), generator=g)
+        labels = ids.clone()
+        labels[: length // 3] = IGNORE_INDEX  # a masked prompt
+        out.append((ids, labels))
+    return out
+
+
+def test_loss_at_supervised_positions_equals_full_cross_entropy():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50)
+    hidden = torch.randn(3, 9, 16)
+    targets = torch.randint(0, 50, (3, 9))
+    targets[0, :5] = IGNORE_INDEX
+    targets[2, 7:] = IGNORE_INDEX
+    reference = F.cross_entropy(head(hidden).flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+    for chunk_size in (1, 4, 1024):
+        torch.testing.assert_close(supervised_cross_entropy(head, hidden, targets, chunk_size), reference)
+
+
+def test_packed_rows_give_each_sample_its_unpacked_loss():
+    torch.manual_seed(0)
+    model = GPT(tiny_llama_config(vocab_size=64, block_size=64)).eval()
+    samples = _samples(5)
+    input_ids, targets, positions = collate_packed([samples[:3], samples[3:]])
+    packed = model(input_ids, targets=targets, positions=positions)
+    x, y = collate(samples)
+    unpacked = model(x, targets=y)  # both are means over the same supervised tokens
+    torch.testing.assert_close(packed, unpacked, rtol=1e-5, atol=1e-6)
+
+
+def test_activation_checkpointing_gives_the_same_loss_and_gradients():
+    torch.manual_seed(0)
+    model = GPT(tiny_llama_config(vocab_size=64, block_size=64))
+    x, y = collate(_samples(3))
+    grads = []
+    for checkpointing in (False, True):
+        model.zero_grad()
+        model.activation_checkpointing = checkpointing
+        loss = model(x, targets=y)
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=0, atol=0)
+    for a, b in zip(grads[0][1], grads[1][1]):
+        torch.testing.assert_close(a, b)
+
+
+def _dataset(n: int) -> InstructionDataset:
+    samples = _samples(n, seed=1)
+    return InstructionDataset.from_sequences([ids for ids, _ in samples], [len(ids) // 3 for ids, _ in samples])
+
+
+def _segments(batch) -> list[tuple[int, ...]]:
+    """The samples inside packed rows: runs of positions 0, 1, 2, ... (padding is a run of length 1)."""
+    out = []
+    for ids, pos in zip(batch.input_ids.tolist(), batch.positions.tolist()):
+        starts = [i for i, p in enumerate(pos) if p == 0] + [len(pos)]
+        out += [tuple(ids[a:b]) for a, b in zip(starts, starts[1:]) if b - a > 1]
+    return out
+
+
+def test_packing_uses_every_sample_once_per_epoch():
+    dataset = _dataset(23)  # every sample has >= 3 input tokens, so padding runs (length 1) are not samples
+    train = TrainArgs(micro_batch_size=2, global_batch_size=4, packing=True, seed=3)
+    stream = BatchStream(dataset, train, rank=0, world_size=1)
+    packed = []
+    while len(packed) < len(dataset):
+        for batch in stream.next_step():
+            assert batch.input_ids.size(1) <= stream.row_length
+            packed += _segments(batch)
+    expected = sorted(tuple(dataset[i][0][:-1].tolist()) for i in range(len(dataset)))
+    assert sorted(packed[: len(dataset)]) == expected
+
+
+def test_a_restored_position_continues_with_the_same_batches():
+    dataset = _dataset(30)
+    for packing in (False, True):
+        train = TrainArgs(micro_batch_size=2, global_batch_size=4, packing=packing, seed=5)
+        first = BatchStream(dataset, train, rank=0, world_size=1)
+        for _ in range(3):
+            first.next_step()
+        saved = DataPosition(first.position.epoch, first.position.index)
+        expected = [first.next_step() for _ in range(6)]
+        second = BatchStream(dataset, train, rank=0, world_size=1)
+        second.position = saved
+        for want in expected:
+            got = second.next_step()
+            for a, b in zip(want, got):
+                assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.targets, b.targets)
