@@ -452,6 +452,7 @@ def save_output_dir(
     if fabric.is_global_zero:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private (0700); an output directory is an ordinary readable one
         try:
             metadata = {"method": str(hparams["method"]), "hyperparameters": json.dumps(hparams, default=str)}
             save_safetensors(weights, tmp / weights_file, metadata=metadata)

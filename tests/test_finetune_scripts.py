@@ -185,6 +185,7 @@ def test_script_writes_a_self_describing_output_dir(method, trained, base, data)
     assert steps == ["step-000050", "step-000100"]  # every save_interval, the last step is 'final'
     assert all((out_dir / s / WEIGHTS[method]).is_file() for s in steps)
     assert (out_dir / "resume_state.pt").is_file() and (out_dir / "loss_curve.png").stat().st_size > 0
+    assert final.stat().st_mode & 0o777 == 0o755  # readable like any directory, not mkdtemp's 0700
 
     hparams = yaml.safe_load((final / "hyperparameters.yaml").read_text())
     assert hparams["method"] == method
