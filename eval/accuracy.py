@@ -47,6 +47,8 @@ def main(
     max_new_tokens: int = 64,
     precision: Optional[str] = None,
     show: int = 1,
+    table: Optional[Path] = None,
+    label: Optional[str] = None,
 ) -> dict:
     """Evaluate task accuracy.
 
@@ -63,6 +65,8 @@ def main(
         max_new_tokens: most tokens per response (generation also stops at EOS).
         precision: e.g. 32-true or bf16-true; default: the best the device runs.
         show: print this many (prompt, response, verdict) examples at the end.
+        table: append this result as a row of a markdown table (created with its header if missing).
+        label: the row's name in --table (default: the model description).
     """
     if answer_type is not None and answer_type not in ANSWER_TYPES:
         raise ValueError(f"--answer_type must be one of {', '.join(ANSWER_TYPES)} (or unset to detect it), got {answer_type!r}.")
@@ -97,14 +101,33 @@ def main(
             f.write(json.dumps(p, ensure_ascii=False) + "\n")
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 
+    if table is not None:
+        append_table_row(table, label or what, summary)
+
     for p in predictions[:show]:
         verdict = "correct" if p["correct"] else "wrong"
         print(f"\n--- example ---\n{p['instruction']}\n{p['input']}\n>>> {p['response']}\n"
               f"extracted {p['extracted']!r}, answer {p['answer']!r}: {verdict}".replace("\n\n>>>", "\n>>>"))
     print(f"\n{format_accuracy(summary)} in {seconds:.1f} s ({summary['no_answer']} responses without an answer)")
     print(f"Predictions: {out_dir / 'predictions.jsonl'}\nSummary: {out_dir / 'summary.json'}")
+    if table is not None:
+        print(f"Results table: {table}")
     sys.stdout.flush()
     return summary
+
+
+def append_table_row(path: Path, label: str, summary: dict) -> None:
+    """Append `| label | accuracy | correct/total | data | seconds |` to a markdown table file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.is_file() or not path.read_text().strip()
+    with open(path, "a") as f:
+        if new:
+            f.write("| model | accuracy | correct / total | data | eval seconds |\n|---|---|---|---|---|\n")
+        f.write(
+            f"| {label} | {100 * summary['accuracy']:.1f}% | {summary['correct']} / {summary['total']} | "
+            f"{summary['data_file']} | {summary['seconds']:.0f} |\n"
+        )
 
 
 if __name__ == "__main__":
