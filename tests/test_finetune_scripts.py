@@ -513,3 +513,31 @@ def test_merge_on_a_tied_embedding_base(head, tmp_path, monkeypatch, capsys):
     with torch.no_grad():
         assert float((merged(idx) - unmerged(idx)).abs().max()) < 1e-5
         assert float((merged(idx) - load_model(tied)[0](idx)).abs().max()) > 1e-3  # the update is in there
+
+
+def test_merge_is_done_in_full_precision_and_keeps_the_base_dtype(tmp_path, monkeypatch, capsys):
+    """A bf16 base: W + (alpha / r)·B·A is computed in float32 from the stored weights, then stored in bf16."""
+    from lit_gpt import lora
+    from lit_gpt.config import Config
+    from lit_gpt.model import GPT
+
+    base_dir = make_checkpoint_dir(tmp_path / "base")
+    state = {k: v.to(torch.bfloat16) for k, v in load_weights_file(base_dir / WEIGHTS_FILE).items()}
+    save_safetensors(state, base_dir / WEIGHTS_FILE)
+    model = lora.apply(GPT(Config.from_checkpoint(base_dir)), lora.LoRASettings(r=4, alpha=8))
+    for name, p in model.named_parameters():
+        if name.endswith("lora_B"):
+            torch.nn.init.normal_(p, std=0.1)
+    finetuned = tmp_path / "finetuned"
+    save_safetensors(lora.state_dict_to_save(model), finetuned / "lora.safetensors")
+    (finetuned / "hyperparameters.yaml").write_text(yaml.safe_dump(
+        {"method": "lora", "settings": {"r": 4, "alpha": 8}, "checkpoint_dir": str(base_dir)}))
+    code, _, err = run_cli_in_process("scripts/merge_lora.py", "--finetuned_dir", str(finetuned), "--out_dir",
+                                      str(tmp_path / "m"), monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 0, err
+    merged = load_file(tmp_path / "m" / WEIGHTS_FILE)
+    assert merged.keys() == state.keys() and all(t.dtype == torch.bfloat16 for t in merged.values())
+    query = model.blocks[0].attn.query
+    expected = (state["blocks.0.attn.query.weight"].float() + query.delta_weight().detach()).to(torch.bfloat16)
+    assert torch.equal(merged["blocks.0.attn.query.weight"], expected)
+    assert torch.equal(merged["blocks.0.attn.key.weight"], state["blocks.0.attn.key.weight"])  # no LoRA there
