@@ -30,7 +30,7 @@ NORM_TYPES = (nn.LayerNorm, RMSNorm)  # whole modules of these types train in Ad
 
 @dataclass
 class AdapterV2Settings(adapter.AdapterSettings):
-    """Adaption prompt size and placement, as for Adapter v1 (`--adapter_v2_<field>` in the scripts).
+    """Adaption prompt size and placement, as for Adapter v1 (`--adapter_<field>` in the scripts, as for Adapter v1).
 
     Bias/scale tuning and norm tuning always apply to the whole model; they have no settings.
     """

@@ -2,7 +2,7 @@
 
 Every method module (`lit_gpt.lora`, `lit_gpt.adapter`, `lit_gpt.adapter_v2`) has the same contract:
 
-    Settings                    its settings dataclass (fields become `--<method>_<field>` CLI flags)
+    Settings                    its settings dataclass (fields become `--lora_<field>` / `--adapter_<field>` CLI flags)
     apply(model, settings)      swap/wrap layers of a built GPT in place; returns the model
     peft_parameter_names(model) the names of the parameters the method trains and saves (one source)
     mark_trainable(model)       requires_grad=True exactly on those names, False everywhere else
