@@ -311,7 +311,7 @@ def test_batched_equals_unbatched_on_smollm2_addsub(shared_data):
         pytest.skip(f"{SMOLLM2} is absent: python scripts/convert_gguf_checkpoint.py --checkpoint_dir {SMOLLM2}")
     records = load_eval_records(shared_data / "math_eval" / "AddSub.json", limit=16)
     model, tokenizer, _ = load_eval_model(SMOLLM2)
-    batched = evaluate(model, tokenizer, records, max_new_tokens=48, batch_size=8, progress=False)
-    reference = score(records, unbatched_responses(model, tokenizer, records, 48), "number")
+    batched = evaluate(model, tokenizer, records, max_new_tokens=32, batch_size=8, progress=False)
+    reference = score(records, unbatched_responses(model, tokenizer, records, 32), "number")
     assert [p["response"] for p in batched] == [p["response"] for p in reference]
     assert batched == reference
