@@ -4,6 +4,10 @@ Needs the most memory (weights, gradients and two AdamW moments for every parame
 normal checkpoint directory (lit_model.safetensors, model_config.yaml, tokenizer, hyperparameters.yaml)
 that generate/base.py and scripts/convert_lit_checkpoint.py take as they are.
 
+There is no --quantize here: bitsandbytes' 4- and 8-bit weights are frozen (they have no gradient and no
+optimizer update), while full finetuning trains every weight. To finetune with a quantized base, use
+finetune/lora.py, adapter.py or adapter_v2.py with --quantize bnb.nf4 (QLoRA).
+
 Example (CPU, the embedded model; see README for preparing the checkpoint and data):
     python finetune/full.py --checkpoint_dir checkpoints/SmolLM2-135M-Instruct --data_dir data/alpaca \
         --out_dir out/full --train.max_steps 100
@@ -21,10 +25,10 @@ import torch
 
 from lit_gpt.cli import run_cli
 from lit_gpt.args import EvalArgs, TrainArgs
-from lit_gpt.checkpoint import WEIGHTS_FILE, load_into_model, load_weights_file, model_state_dict
+from lit_gpt.checkpoint import WEIGHTS_FILE, model_state_dict
 from lit_gpt.config import Config
 from lit_gpt.data import load_prepared_dir
-from lit_gpt.model import GPT
+from lit_gpt.quantize import build_base_for_training
 from lit_gpt.tokenizer import Tokenizer
 from lit_gpt import training
 from lit_gpt.training import BatchStream, DataPosition, ProgressLog
@@ -69,12 +73,7 @@ def main(fabric, checkpoint_dir, data_dir, out_dir, resume, settings, train, eva
     tokenizer = Tokenizer(checkpoint_dir)
     train_data, val_data = load_prepared_dir(data_dir, tokenizer=tokenizer, block_size=config.block_size)
 
-    with fabric.init_module(empty_init=True):  # base weights are loaded below
-        model = GPT(config)
-    load_into_model(
-        model, load_weights_file(checkpoint_dir / WEIGHTS_FILE), checkpoint_dir / WEIGHTS_FILE,
-        allowed_missing=(),
-    )
+    model = build_base_for_training(fabric, checkpoint_dir, hparams["precision"], hparams.get("quantize"))
     training.report_parameters(fabric, model)
 
     trainable = [p for p in model.parameters() if p.requires_grad]

@@ -21,10 +21,9 @@ import torch
 from lit_gpt import lora as method
 from lit_gpt.cli import run_cli
 from lit_gpt.args import EvalArgs, TrainArgs
-from lit_gpt.checkpoint import WEIGHTS_FILE, load_into_model, load_weights_file
 from lit_gpt.config import Config
 from lit_gpt.data import load_prepared_dir
-from lit_gpt.model import GPT
+from lit_gpt.quantize import build_base_for_training, check_quantize
 from lit_gpt.tokenizer import Tokenizer
 from lit_gpt import training
 from lit_gpt.training import BatchStream, DataPosition, ProgressLog
@@ -39,6 +38,7 @@ def setup(
     devices: int = 1,
     strategy: str = "auto",
     resume: bool = False,
+    quantize: Optional[str] = None,
     lora_r: int = 8,
     lora_alpha: int = 16,
     lora_dropout: float = 0.05,
@@ -61,6 +61,8 @@ def setup(
         devices: number of devices (GPUs, or CPU processes) to train on.
         strategy: "auto" (DDP for several devices), "ddp" or "fsdp".
         resume: continue the run in out_dir from its last saved state (same flags as the original run).
+        quantize: hold the frozen base weights in 4 or 8 bits with bitsandbytes (QLoRA): bnb.nf4, bnb.nf4-dq,
+            bnb.fp4, bnb.fp4-dq or bnb.int8; works on CUDA and CPU (not MPS), with a '-true' precision.
         lora_r: rank of the LoRA update.
         lora_alpha: the update is scaled by alpha / r.
         lora_dropout: dropout on the LoRA input path.
@@ -82,6 +84,7 @@ def setup(
     )
     training.check_run_args(checkpoint_dir, data_dir, out_dir, devices, train, eval, resume)
     hparams["precision"] = precision = choose_precision(precision, training.accelerator())
+    hparams["quantize"] = check_quantize(quantize, training.accelerator(), precision, strategy)
     fabric = training.setup_fabric(devices, precision, strategy)
     fabric.launch(main, checkpoint_dir, data_dir, out_dir, resume, settings, train, eval, hparams)
 
@@ -92,14 +95,9 @@ def main(fabric, checkpoint_dir, data_dir, out_dir, resume, settings, train, eva
     tokenizer = Tokenizer(checkpoint_dir)
     train_data, val_data = load_prepared_dir(data_dir, tokenizer=tokenizer, block_size=config.block_size)
 
-    with fabric.init_module(empty_init=True):  # base weights are loaded below
-        model = GPT(config)
+    model = build_base_for_training(fabric, checkpoint_dir, hparams["precision"], hparams.get("quantize"))
     method.apply(model, settings)
     method.mark_trainable(model)
-    load_into_model(
-        model, load_weights_file(checkpoint_dir / WEIGHTS_FILE), checkpoint_dir / WEIGHTS_FILE,
-        allowed_missing=method.peft_parameter_names(model),
-    )
     training.report_parameters(fabric, model)
 
     trainable = [p for p in model.parameters() if p.requires_grad]

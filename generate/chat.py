@@ -23,6 +23,7 @@ import torch
 from lit_gpt.checkpoint import check_valid_checkpoint_dir
 from lit_gpt.cli import run_cli
 from lit_gpt.generation import check_sampling_args, generate, load_model, stream_text
+from lit_gpt.quantize import check_quantize
 from lit_gpt.tokenizer import Tokenizer
 from lit_gpt.utils import choose_device_type, choose_precision, peak_memory, precision_to_dtype
 
@@ -36,6 +37,7 @@ def main(
     top_k: Optional[int] = 50,
     top_p: float = 1.0,
     precision: Optional[str] = None,
+    quantize: Optional[str] = None,
     seed: int = 1234,
 ) -> None:
     """Chat interactively, or answer one `--prompt` and exit.
@@ -49,6 +51,8 @@ def main(
         top_k: sample only among the k most likely tokens (null: all of them).
         top_p: sample only among the most likely tokens whose probabilities add up to top_p (1.0: off).
         precision: Lightning precision such as bf16-true, 16-true or 32-true; by default the best the device runs.
+        quantize: hold the linear weights in 4 or 8 bits with bitsandbytes to save memory: bnb.nf4, bnb.nf4-dq,
+            bnb.fp4, bnb.fp4-dq or bnb.int8 (CUDA or CPU, not MPS; with a '-true' precision).
         seed: random seed, so that sampling is reproducible.
     """
     checkpoint_dir = check_valid_checkpoint_dir(checkpoint_dir)
@@ -63,9 +67,12 @@ def main(
         )
     device_type = choose_device_type()
     precision = choose_precision(precision, device_type)
+    quantize = check_quantize(quantize, device_type, precision)
     fabric = L.Fabric(accelerator=device_type, devices=1, precision=precision)
     torch.manual_seed(seed)
-    model, config = load_model(checkpoint_dir, device=fabric.device, dtype=precision_to_dtype(precision))
+    model, config = load_model(
+        checkpoint_dir, device=fabric.device, dtype=precision_to_dtype(precision), quantize=quantize
+    )
     model = fabric.setup_module(model)
 
     history: list[dict[str, str]] = [] if system is None else [{"role": "system", "content": system}]

@@ -21,6 +21,7 @@ from lit_gpt.cli import run_cli
 from lit_gpt.generation import check_sampling_args, generate, stream_text
 from lit_gpt.peft import load_finetuned
 from lit_gpt.prompts import alpaca_prompt
+from lit_gpt.quantize import check_quantize
 from lit_gpt.tokenizer import Tokenizer
 from lit_gpt.utils import choose_device_type, choose_precision, peak_memory, precision_to_dtype
 
@@ -37,6 +38,7 @@ def main(
     top_k: Optional[int] = 50,
     top_p: float = 1.0,
     precision: Optional[str] = None,
+    quantize: Optional[str] = None,
     seed: int = 1234,
 ) -> None:
     """Answer an instruction with a finetuned model.
@@ -51,16 +53,20 @@ def main(
         top_k: sample among the k most likely tokens (null: all).
         top_p: nucleus sampling threshold (1.0: off).
         precision: Lightning precision such as bf16-true or 32-true; by default the best the device runs.
+        quantize: hold the linear weights in 4 or 8 bits with bitsandbytes to save memory: bnb.nf4, bnb.nf4-dq,
+            bnb.fp4, bnb.fp4-dq or bnb.int8 (CUDA or CPU, not MPS; with a '-true' precision).
         seed: random seed, so that sampling is reproducible.
     """
     check_sampling_args(temperature, top_k, top_p)
     device_type = choose_device_type()
     precision = choose_precision(precision, device_type)
+    quantize = check_quantize(quantize, device_type, precision)
     fabric = L.Fabric(accelerator=device_type, devices=1, precision=precision)
     torch.manual_seed(seed)
 
     model, hparams = load_finetuned(
-        finetuned_dir, METHOD, checkpoint_dir, device=fabric.device, dtype=precision_to_dtype(precision)
+        finetuned_dir, METHOD, checkpoint_dir, device=fabric.device, dtype=precision_to_dtype(precision),
+        quantize=quantize,
     )
     model = fabric.setup_module(model)
     tokenizer = Tokenizer(checkpoint_dir or hparams["checkpoint_dir"])

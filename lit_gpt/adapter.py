@@ -31,6 +31,7 @@ import torch.nn as nn
 
 from lit_gpt.config import Config
 from lit_gpt.model import GPT, CausalSelfAttention
+from lit_gpt.quantize import weight_dtype
 from lit_gpt.peft import declared_parameter_names, mark_only_trainable, select_state
 
 
@@ -70,12 +71,12 @@ class AdapterAttention(CausalSelfAttention):
 
         The new prompt and gate follow the device and dtype of `attn.query.weight`.
         """
-        w = attn.query.weight
+        w, dtype = attn.query.weight, weight_dtype(attn.query.weight)  # a quantized base: its compute dtype
         with torch.device("meta"):  # a shell: its own projections are replaced right below
             new = cls(attn.config, prompt_length)
         new.query, new.key, new.value, new.proj, new.kv_cache = attn.query, attn.key, attn.value, attn.proj, attn.kv_cache
-        new.adapter_wte = nn.Embedding(prompt_length, attn.config.n_embd, device=w.device, dtype=w.dtype)
-        new.adapter_gate = nn.Parameter(torch.zeros_like(new.adapter_gate, device=w.device, dtype=w.dtype))
+        new.adapter_wte = nn.Embedding(prompt_length, attn.config.n_embd, device=w.device, dtype=dtype)
+        new.adapter_gate = nn.Parameter(torch.zeros_like(new.adapter_gate, device=w.device, dtype=dtype))
         return new
 
     def adapter_params(self) -> list[str]:

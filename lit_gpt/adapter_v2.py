@@ -19,9 +19,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from lit_gpt import adapter
+from lit_gpt import adapter, quantize
 from lit_gpt.model import GPT, RMSNorm
 from lit_gpt.peft import declared_parameter_names, mark_only_trainable, select_state
 
@@ -51,15 +50,15 @@ class AdapterV2Linear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = linear.weight
         self.bias = linear.bias
-        w = linear.weight
-        self.adapter_scale = nn.Parameter(torch.ones(self.out_features, device=w.device, dtype=w.dtype))
-        self.adapter_bias = nn.Parameter(torch.zeros(self.out_features, device=w.device, dtype=w.dtype))
+        w, dtype = linear.weight, quantize.weight_dtype(linear.weight)  # a quantized base: its compute dtype
+        self.adapter_scale = nn.Parameter(torch.ones(self.out_features, device=w.device, dtype=dtype))
+        self.adapter_bias = nn.Parameter(torch.zeros(self.out_features, device=w.device, dtype=dtype))
 
     def adapter_params(self) -> list[str]:
         return ["adapter_scale", "adapter_bias"]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.adapter_scale * (F.linear(x, self.weight, self.bias) + self.adapter_bias)
+        return self.adapter_scale * (quantize.linear(x, self.weight, self.bias) + self.adapter_bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
@@ -71,7 +70,7 @@ def apply(model: GPT, settings: AdapterV2Settings) -> GPT:
     adapter.apply(model, settings)
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if type(child) is nn.Linear:  # exactly nn.Linear: never wrap a wrapper
+            if isinstance(child, nn.Linear):  # plain or quantized linears; the wrappers are not nn.Linear
                 setattr(parent, name, AdapterV2Linear(child))
     return model
 

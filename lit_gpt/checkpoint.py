@@ -143,14 +143,27 @@ def load_into_model(
     checkpoint). Tied duplicates (lm_head.weight with tied embeddings) are always allowed to be missing.
     Shape mismatches name the first offending tensors and suggest the usual cause.
     """
+    check_state_dict_keys(model, {k: v.shape for k, v in state_dict.items()}, source, allowed_missing)
+    ties = tied_parameters(model)
+    model.load_state_dict(state_dict, strict=False, assign=_is_meta(model))
+    # Assigning replaces Parameter objects, which unties shared weights: point each tied name back at its source.
+    for name, source in ties.items():
+        owner_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(owner_name), attr, model.get_parameter(source))
+
+
+def check_state_dict_keys(
+    model: nn.Module, shapes: dict[str, torch.Size], source: str | Path, allowed_missing: Iterable[str] = ()
+) -> None:
+    """Raise a CheckpointError unless `shapes` ({key: shape} of a checkpoint) fits `model` (see `load_into_model`)."""
     expected = model.state_dict()
     allowed = set(allowed_missing) | tied_keys(model)
-    missing = sorted(k for k in expected if k not in state_dict and k not in allowed)
-    unexpected = sorted(k for k in state_dict if k not in expected)
+    missing = sorted(k for k in expected if k not in shapes and k not in allowed)
+    unexpected = sorted(k for k in shapes if k not in expected)
     mismatched = [
-        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in state_dict
-        if k in expected and state_dict[k].shape != expected[k].shape
+        f"{k}: checkpoint {tuple(shapes[k])} vs model {tuple(expected[k].shape)}"
+        for k in shapes
+        if k in expected and shapes[k] != expected[k].shape
     ]
     if missing or unexpected or mismatched:
         parts = []
@@ -165,12 +178,6 @@ def load_into_model(
             "The weights and model_config.yaml must come from the same conversion; re-run the conversion, or "
             "check that these finetuned weights were trained on this base checkpoint."
         )
-    ties = tied_parameters(model)
-    model.load_state_dict(state_dict, strict=False, assign=_is_meta(model))
-    # Assigning replaces Parameter objects, which unties shared weights: point each tied name back at its source.
-    for name, source in ties.items():
-        owner_name, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(owner_name), attr, model.get_parameter(source))
 
 
 def _is_meta(model: nn.Module) -> bool:

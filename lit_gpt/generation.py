@@ -225,14 +225,20 @@ def load_model(
     checkpoint_dir: Union[str, Path],
     device: Union[str, torch.device] = "cpu",
     dtype: Optional[torch.dtype] = None,
+    quantize: Optional[str] = None,
 ) -> tuple[GPT, Config]:
     """Build the GPT of a checkpoint directory and load its weights; returns (model in eval mode, config).
 
     The directory is validated first (a CheckpointError names what is missing and how to get it). The model is
     built on the meta device, so no memory is spent on random initialisation; the weights are read straight
     onto `device` and cast to `dtype` (None keeps the dtype of the file). Every parameter must come from the
-    file (see `load_into_model`).
+    file (see `load_into_model`). `quantize` ("bnb.nf4", ... see `lit_gpt.quantize`) holds the linear weights in
+    4 or 8 bits, read and quantized one tensor at a time.
     """
+    if quantize is not None:
+        from lit_gpt.quantize import load_base_model
+
+        return load_base_model(checkpoint_dir, quantize, device, dtype)
     checkpoint_dir = check_valid_checkpoint_dir(checkpoint_dir, need_tokenizer=False)
     config = Config.from_checkpoint(checkpoint_dir)
     weights_path = checkpoint_dir / WEIGHTS_FILE

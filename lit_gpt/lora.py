@@ -35,6 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lit_gpt import quantize
 from lit_gpt.checkpoint import tied_keys
 from lit_gpt.model import GPT
 from lit_gpt.peft import declared_parameter_names, mark_only_trainable, select_state
@@ -83,9 +84,9 @@ class LoRALinear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = linear.weight
         self.bias = linear.bias
-        w = linear.weight
-        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=w.device, dtype=w.dtype))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=w.device, dtype=w.dtype))
+        w, dtype = linear.weight, quantize.weight_dtype(linear.weight)  # a quantized base: its compute dtype
+        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=w.device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=w.device, dtype=dtype))
         self.scaling = alpha / r
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False  # True while B·A is folded into `weight` (then the LoRA path is skipped)
@@ -104,7 +105,7 @@ class LoRALinear(nn.Module):
         return (self.scaling * (self.lora_B.float() @ self.lora_A.float())).to(self.weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight, self.bias)
+        out = quantize.linear(x, self.weight, self.bias)  # F.linear, or bitsandbytes' matmul for a quantized weight
         if self.merged:
             return out
         lora = F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B)  # (..., out_features)
@@ -113,6 +114,8 @@ class LoRALinear(nn.Module):
     @torch.no_grad()
     def merge_weights(self) -> None:
         """Fold the update into `weight` in place (reversible with `unmerge_weights`)."""
+        if quantize.is_quantized(self.weight):
+            raise quantize.merge_error(f"LoRALinear({self.in_features}, {self.out_features})")
         if not self.merged:
             self.weight.add_(self.delta_weight())
             self.merged = True

@@ -118,6 +118,7 @@ def load_finetuned(
     checkpoint_dir: Optional[str | Path] = None,
     device: str | torch.device = "cpu",
     dtype: Optional[torch.dtype] = None,
+    quantize: Optional[str] = None,
 ) -> tuple[GPT, dict[str, Any]]:
     """Rebuild a PEFT-finetuned model: base checkpoint + the method's weights, settings from hyperparameters.yaml.
 
@@ -126,6 +127,8 @@ def load_finetuned(
         method: the method the caller expects ("lora", "adapter", "adapter_v2"); another one is an error.
         checkpoint_dir: the base checkpoint; default: the one the run was trained on (from hyperparameters.yaml).
         device, dtype: where and in which dtype to hold the weights (dtype None: as stored).
+        quantize: hold the base linear weights in 4 or 8 bits ("bnb.nf4", ...; see `lit_gpt.quantize`), read
+            and quantized one tensor at a time; the method's own weights stay in `dtype`.
 
     Returns (model in eval mode, hyperparameters). Fails clearly when the weights were trained on another
     base checkpoint (fingerprint mismatch) or do not fit the model.
@@ -149,9 +152,24 @@ def load_finetuned(
             f"were trained on with --checkpoint_dir (the run used {hparams.get('checkpoint_dir')})."
         )
     module = importlib.import_module(_METHOD_MODULES[method])
+    settings = settings_from_dict(method, hparams.get("settings") or {})
+    if quantize is not None:
+        from lit_gpt.quantize import load_base_model
+
+        model, _ = load_base_model(checkpoint_dir, quantize, device, dtype)
+        module.apply(model, settings)  # new method parameters on `device` in the compute dtype, overwritten below
+        peft_names, peft_path = module.peft_parameter_names(model), finetuned_dir / WEIGHTS_FILES[method]
+        peft_state = load_weights_file(peft_path, device=device)
+        if dtype is not None:
+            peft_state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in peft_state.items()}
+        load_into_model(model, peft_state, peft_path, allowed_missing=set(model.state_dict()) - peft_names)
+        missing = peft_names - set(peft_state)
+        if missing:
+            raise CheckpointError(f"{peft_path} lacks {len(missing)} {method} tensors (e.g. {sorted(missing)[:3]}).")
+        return model.eval(), hparams
     config = Config.from_checkpoint(checkpoint_dir)
     with torch.device("meta"):
-        model = module.apply(GPT(config), settings_from_dict(method, hparams.get("settings") or {}))
+        model = module.apply(GPT(config), settings)
     ties = tied_parameters(model)
     model = model.to_empty(device=device)  # every tensor is overwritten below; nothing is initialised twice
     for name, source in ties.items():  # to_empty() gives each module its own tensor: tie them again
