@@ -33,7 +33,9 @@ CUDA only. Both use the same bitsandbytes parameters and kernels as here.
 
 from __future__ import annotations
 
+import ctypes
 import importlib
+import json
 from pathlib import Path
 from typing import Optional
 
@@ -167,8 +169,6 @@ def load_base_model(checkpoint_dir: Path | str, quantize: Optional[str], device,
     be missing). Every parameter is frozen except embeddings and norms (`mark_trainable` decides after
     a PEFT method is applied).
     """
-    from safetensors import safe_open
-
     from lit_gpt.checkpoint import WEIGHTS_FILE, check_state_dict_keys, check_valid_checkpoint_dir
     from lit_gpt.config import Config
     from lit_gpt.model import GPT
@@ -180,12 +180,13 @@ def load_base_model(checkpoint_dir: Path | str, quantize: Optional[str], device,
         model = GPT(config)
     tied = {id(model.wte.weight)} if config.tie_embeddings else set()
     targets = {f"{name}.weight" for name, m in model.named_modules() if type(m) is nn.Linear and id(m.weight) not in tied}
-    with safe_open(str(path), framework="pt", device="cpu") as f:
-        check_state_dict_keys(model, {k: torch.Size(f.get_slice(k).get_shape()) for k in f.keys()}, path)
-        for key in f.keys():
+    header = _safetensors_header(path)
+    check_state_dict_keys(model, {k: torch.Size(v["shape"]) for k, v in header.items()}, path)
+    with open(path, "rb") as f:
+        for key, info in header.items():
             owner_name, _, attr = key.rpartition(".")
             owner = model.get_submodule(owner_name)
-            tensor = f.get_tensor(key)
+            tensor = _read_tensor(f, info)
             if tensor.is_floating_point() and dtype is not None:
                 tensor = tensor.to(dtype)
             if key in targets:
@@ -198,10 +199,58 @@ def load_base_model(checkpoint_dir: Path | str, quantize: Optional[str], device,
             else:
                 owner._buffers[attr] = tensor.to(device)
             del tensor
+            _release_freed_memory()
     if config.tie_embeddings:
         model.lm_head.weight = model.wte.weight
     model.max_seq_length = config.block_size  # build the RoPE tables on `device`
     return model.eval(), config
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
+
+
+def _safetensors_header(path: Path) -> dict[str, dict]:
+    """{name: {"dtype", "shape", "data_offsets"}} of a safetensors file (its documented JSON header)."""
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+    header.pop("__metadata__", None)
+    return {name: {**info, "start": 8 + size + info["data_offsets"][0]} for name, info in header.items()}
+
+
+def _read_tensor(f, info: dict) -> torch.Tensor:
+    """One tensor of an open safetensors file, read with a plain file read (no mmap: the process never maps
+    the whole file, so its resident memory holds only what was read and kept)."""
+    start, end = info["data_offsets"]
+    dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+    if end == start:
+        return torch.empty(info["shape"], dtype=dtype)
+    f.seek(info["start"])
+    buffer = bytearray(end - start)
+    f.readinto(buffer)
+    return torch.frombuffer(buffer, dtype=dtype).reshape(info["shape"])
+
+
+def _release_freed_memory() -> None:
+    """Give freed heap memory back to the OS (glibc `malloc_trim`; a no-op elsewhere).
+
+    bitsandbytes' CPU quantization allocates temporaries of many sizes; glibc keeps the freed ones in its
+    heap, and over hundreds of layers that fragmentation grew the process by more than the quantized model.
+    """
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim = None
 
 
 def build_base_for_training(fabric, checkpoint_dir: Path, precision: str, quantize: Optional[str]):
