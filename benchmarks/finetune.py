@@ -6,7 +6,8 @@ steps), and for LoRA r=8, alpha=16, dropout 0.05 on the query and value projecti
 gradients at 1.0 (ours' default); litgpt's finetune scripts reject --train.max_norm, so litgpt does not clip
 (a few hundred thousand trainable values: negligible). Each tool runs
 `--warmup + --steps` optimizer steps in a fresh process; the first `--warmup` are not measured. Rounds
-alternate the tools (ours, litgpt, hf, ours, litgpt, hf, ...) so that a noisy machine hurts them alike;
+alternate the tools (ours, litgpt, hf, then litgpt, hf, ours, ...: each round starts one tool later) so
+that a noisy machine hurts them alike;
 every figure is a median over `--repeats` rounds with its min-max, and each ratio ours / peer is taken
 within a round, then summarised.
 
@@ -458,7 +459,10 @@ def main(argv=None) -> dict:
     errors: dict[str, list[str]] = {}
     started = time.perf_counter()
     for round_ in range(args.repeats):
-        for tool in args.tools:
+        # Each round starts one tool later (ours, litgpt, hf; litgpt, hf, ours; ...), so that a load that drifts
+        # during a round does not always favour the same tool.
+        k = round_ % len(args.tools)
+        for tool in args.tools[k:] + args.tools[:k]:
             out_dir = work / "runs" / f"{tool}-{args.method}-{round_}"
             shutil.rmtree(out_dir, ignore_errors=True)
             out_dir.parent.mkdir(parents=True, exist_ok=True)
