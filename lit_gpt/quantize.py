@@ -36,6 +36,7 @@ from __future__ import annotations
 import ctypes
 import importlib
 import json
+import logging
 from pathlib import Path
 from typing import Optional
 
@@ -150,7 +151,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
         return bnb.matmul_4bit(x, weight.t(), bias=bias, quant_state=weight.quant_state)
     state = bnb.MatmulLtState()  # LLM.int8(): int8 rows + per-row scales, no outlier decomposition
     state.CB, state.SCB, state.has_fp16_weights, state.is_training = weight.data, weight.SCB, False, x.requires_grad
+    # bitsandbytes logs at every call that non-fp16 inputs are cast to fp16 (thousands of lines per answer).
+    logging.getLogger("bitsandbytes.autograd._functions").addFilter(_drop_int8_cast_notice)  # once: a set
     return bnb.matmul(x, weight, bias=bias, state=state)
+
+
+def _drop_int8_cast_notice(record: logging.LogRecord) -> bool:
+    return "inputs will be cast" not in record.getMessage()
 
 
 class QuantizedLinear(nn.Linear):

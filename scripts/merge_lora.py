@@ -3,9 +3,10 @@
 The LoRA settings (rank, alpha, which layers) and the base checkpoint are read from the hyperparameters.yaml
 that finetune/lora.py saved beside the weights; nothing is declared again here. The update (alpha / r)·B·A
 is folded into the base weights as stored in the base checkpoint (full precision, even when training ran
-in bf16), and the result is written in the base checkpoint's dtype. The output directory is a normal
-checkpoint (lit_model.safetensors, model_config.yaml, tokenizer files), so generate/base.py,
-generate/chat.py and scripts/convert_lit_checkpoint.py take it as it is, with no LoRA code at inference.
+in bf16 or on a base quantized with --quantize, whose 4-bit codes would round the update away), and the
+result is written in the base checkpoint's dtype. The output directory is a normal checkpoint
+(lit_model.safetensors, model_config.yaml, tokenizer files), so generate/base.py, generate/chat.py and
+scripts/convert_lit_checkpoint.py take it as it is, with no LoRA code at inference.
 
 Example:
     python scripts/merge_lora.py --finetuned_dir out/lora/final --out_dir out/lora/merged
