@@ -50,7 +50,7 @@ def setup(
     Args:
         checkpoint_dir: the base model (a converted checkpoint directory).
         data_dir: prepared data (train.safetensors, val.safetensors) from scripts/prepare_*.py.
-        out_dir: where checkpoints, logs and the final LoRA weights go.
+        out_dir: where checkpoints, logs and the final weights go.
         precision: "32-true", "bf16-true", "bf16-mixed", "16-mixed", ...; default: the best the device runs.
         devices: number of devices (GPUs, or CPU processes) to train on.
         strategy: "auto" (DDP for several devices), "ddp" or "fsdp".

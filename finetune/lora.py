@@ -40,7 +40,7 @@ def setup(
     resume: bool = False,
     quantize: Optional[str] = None,
     lora_r: int = 8,
-    lora_alpha: int = 16,
+    lora_alpha: float = 16.0,
     lora_dropout: float = 0.05,
     lora_query: bool = True,
     lora_key: bool = False,
@@ -56,7 +56,7 @@ def setup(
     Args:
         checkpoint_dir: the base model (a converted checkpoint directory).
         data_dir: prepared data (train.safetensors, val.safetensors) from scripts/prepare_*.py.
-        out_dir: where checkpoints, logs and the final LoRA weights go.
+        out_dir: where checkpoints, logs and the final weights go.
         precision: "32-true", "bf16-true", "bf16-mixed", "16-mixed", ...; default: the best the device runs.
         devices: number of devices (GPUs, or CPU processes) to train on.
         strategy: "auto" (DDP for several devices), "ddp" or "fsdp".
