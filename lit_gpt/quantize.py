@@ -130,6 +130,12 @@ def is_quantized(weight: torch.Tensor) -> bool:
     return hasattr(weight, "quant_state") or hasattr(weight, "SCB")
 
 
+def logical_numel(weight: torch.Tensor) -> int:
+    """How many weights a parameter stands for: a 4-bit parameter packs two per stored byte."""
+    quant_state = getattr(weight, "quant_state", None)
+    return int(torch.Size(quant_state.shape).numel()) if quant_state is not None else weight.numel()
+
+
 def weight_dtype(weight: torch.Tensor) -> torch.dtype:
     """The float dtype a layer with this weight computes in: `weight.dtype`, or the one it was quantized from."""
     if not is_quantized(weight):

@@ -93,9 +93,11 @@ def check_run_args(
 
 
 def report_parameters(fabric: L.Fabric, model: nn.Module) -> None:
-    """Print how many parameters train and how many are frozen."""
+    """Print how many parameters train and how many are frozen (quantized weights counted unpacked)."""
+    from lit_gpt.quantize import logical_numel
+
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    total = sum(logical_numel(p) for p in model.parameters())
     fabric.print(f"Trainable parameters: {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.3f}%)")
 
 
