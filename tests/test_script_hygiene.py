@@ -97,3 +97,19 @@ def test_every_train_and_eval_field_is_honoured_somewhere():
     for cls in (TrainArgs, EvalArgs):
         for field in cls.__dataclass_fields__:
             assert f".{field}" in sources, f"{cls.__name__}.{field} is never read outside validate()"
+
+
+def test_peft_generate_scripts_differ_only_in_their_method():
+    """generate/lora.py, adapter.py and adapter_v2.py are one script with a different METHOD (and docstring)."""
+
+    def body(name: str) -> list[str]:
+        tree = ast.parse((ROOT / "generate" / name).read_text())
+        tree.body = [
+            node for node in tree.body[1:]  # drop the module docstring
+            if not (isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "METHOD" for t in node.targets))
+        ]
+        return ast.unparse(tree).splitlines()
+
+    reference = body("lora.py")
+    for name in ("adapter.py", "adapter_v2.py"):
+        assert body(name) == reference, f"generate/{name} drifted from generate/lora.py"
