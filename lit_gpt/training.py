@@ -299,13 +299,8 @@ def sample_response(model: nn.Module, tokenizer, dataset, max_new_tokens: int, d
     prompt = input_ids[:prompt_len].to(device)
     was_training = model.training
     model.eval()
-    max_len = min(model.config.block_size, prompt_len + max_new_tokens)
-    old_max = model.max_seq_length
-    tokens = list(
-        generate(model, prompt, max_new_tokens=max_len - prompt_len, temperature=0.0, stop_ids=tokenizer.stop_ids)
-    )
-    model.clear_kv_cache()
-    model.max_seq_length = old_max
+    # generate() sizes the KV cache, caps the length at block_size, and drops the cache when it is done.
+    tokens = list(generate(model, prompt, max_new_tokens=max_new_tokens, temperature=0.0, stop_ids=tokenizer.stop_ids))
     model.train(was_training)
     return tokenizer.decode(prompt), tokenizer.decode(torch.tensor(tokens, dtype=torch.long))
 
