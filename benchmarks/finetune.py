@@ -17,7 +17,13 @@ within a round, then summarised.
   module (same file, prompt masking on, its own split and shuffle: litgpt cannot take our order). Step
   times and losses come from its CSV log; token counts from `benchmarks/litgpt_batches.py`, which rebuilds
   its batches.
-* hf (LoRA only): `benchmarks/hf_peft_lora.py`, a plain transformers + peft loop over exactly our batches.
+* hf (LoRA only): `benchmarks/hf_peft_lora.py`, a plain transformers + peft loop over our prepared data,
+  in shuffled order and padded to each batch's longest sample, as a plain loop or the HF Trainer does
+  (ours groups samples of similar length by default: that saving is part of what is measured).
+
+Loss parity (LoRA, when hf runs): `--parity_steps` steps of ours and of hf on the very same batches (ours
+with --train.group_by_length false, both with LoRA dropout 0 so that no random mask differs), and the
+largest relative difference of their per-step losses, which should stay within 1e-4.
 
 Reported per tool: optimizer steps/s, supervised (loss-carrying) tokens/s, non-padding tokens/s, peak RSS of
 the process (GB, including model loading), and the training loss at each step. Also the "useful" model FLOPs
@@ -72,6 +78,7 @@ TOOLS = ("ours", "litgpt", "hf")
 METHODS = ("lora", "adapter", "adapter_v2")
 FAR = 100_000  # an interval no run reaches: no evaluation or checkpoint inside the measured steps
 METRICS = ("steps_per_s", "supervised_tokens_per_s", "tokens_per_s", "peak_rss_gb", "mfu")
+PARITY_RTOL = 1e-4
 
 
 # --- setup: peer environments, data, checkpoints ----------------------------------------------------------
@@ -290,6 +297,22 @@ def run_hf(args, ctx, out_dir: Path) -> dict:
 RUNNERS = {"ours": run_ours, "litgpt": run_litgpt, "hf": run_hf}
 
 
+def loss_parity(args, ctx, work: Path) -> dict:
+    """Ours and hf for `--parity_steps` steps on the same batches, without dropout: their losses at every step."""
+    same = argparse.Namespace(**{**vars(args), "warmup": 0, "steps": args.parity_steps})
+    same.extra_ours = [*args.extra_ours, "--train.group_by_length", "false", "--lora_dropout", "0"]
+    same.extra_hf = [*args.extra_hf, "--group_by_length", "false", "--lora_dropout", "0"]
+    losses = {}
+    for tool in ("ours", "hf"):
+        out_dir = work / "runs" / f"{tool}-parity"
+        shutil.rmtree(out_dir, ignore_errors=True)
+        log(f"loss parity: {tool}, {args.parity_steps} steps on the same batches, no dropout")
+        losses[tool] = [s["loss"] for s in RUNNERS[tool](same, ctx, out_dir)["steps"]]
+    rel = [abs(o - h) / abs(h) for o, h in zip(losses["ours"], losses["hf"])]
+    return {"steps": args.parity_steps, "losses": losses, "max_rel_diff": max(rel), "rtol": PARITY_RTOL,
+            "within_rtol": max(rel) <= PARITY_RTOL}
+
+
 # --- FLOPs and the matmul ceiling -------------------------------------------------------------------------
 def matmul_ceiling(size: int = 2048, repeats: int = 10) -> dict:
     """This CPU's fp32 matmul speed (GFLOP/s): best and median of `repeats` timed size x size `torch.mm`s."""
@@ -380,11 +403,18 @@ def report(result: dict) -> None:
     losses = result["loss_by_step"]
     steps = sorted({int(k) for tool in losses.values() for k in tool})
     if steps:
-        print("\ntraining loss by step (median over rounds; ours and hf see the same batches, litgpt its own):")
+        print("\ntraining loss by step (median over rounds; each tool in its own batch order):")
         print("step  " + "  ".join(f"{t:>8}" for t in losses))
         for step in steps:
             print(f"{step:>4}  " + "  ".join(
                 f"{losses[t][str(step)]:>8.4f}" if str(step) in losses[t] else f"{'':>8}" for t in losses))
+    parity = result.get("loss_parity")
+    if parity:
+        verdict = "within" if parity["within_rtol"] else "NOT within"
+        print(f"\nloss parity, ours vs hf on the same {parity['steps']} batches without dropout: largest relative "
+              f"difference {parity['max_rel_diff']:.1e} ({verdict} {parity['rtol']:.0e})")
+        for step, (o, h) in enumerate(zip(parity["losses"]["ours"], parity["losses"]["hf"]), start=1):
+            print(f"{step:>4}  ours {o:.6f}  hf {h:.6f}")
     for tool, errors in result["errors"].items():
         for e in errors:
             print(f"\n{tool} failed: {e}", file=sys.stderr)
@@ -400,6 +430,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="rounds (each runs every tool once)")
     p.add_argument("--steps", type=int, default=20, help="measured optimizer steps per run")
     p.add_argument("--warmup", type=int, default=3, help="optimizer steps run first and not measured")
+    p.add_argument("--parity_steps", type=int, default=5,
+                   help="steps of the loss-parity check of ours vs hf on the same batches (0: skip it)")
     p.add_argument("--micro_batch_size", type=int, default=4)
     p.add_argument("--max_seq_length", type=int, default=512)
     p.add_argument("--val_split_fraction", type=float, default=0.05)
@@ -478,6 +510,12 @@ def main(argv=None) -> dict:
             step_s = statistics.median(s["time_s"] for s in run["steps"] if s["step"] > args.warmup)
             log(f"  {tool}: median step {step_s:.2f} s, wall {run['wall_s']:.0f} s, peak RSS {run['peak_rss_gb']:.2f} GB")
         ceilings.append(matmul_ceiling())
+    parity = None
+    if args.parity_steps > 0 and "hf" in args.tools and "ours" in args.tools:
+        try:
+            parity = loss_parity(args, ctx, work)
+        except Exception as e:
+            errors.setdefault("parity", []).append(str(e))
     ceiling = {"size": ceilings[0]["size"], "threads": ceilings[0]["threads"],
                "best_gflops": max(c["best_gflops"] for c in ceilings),
                "median_gflops": statistics.median(c["median_gflops"] for c in ceilings)}
@@ -511,6 +549,7 @@ def main(argv=None) -> dict:
         "summary": summary,
         "ratios": ratios,
         "loss_by_step": loss_by_step,
+        "loss_parity": parity,
         "errors": errors,
         "runs": runs,
         "wall_s": time.perf_counter() - started,

@@ -1,9 +1,13 @@
 """A plain transformers + peft LoRA training loop: the "hf" peer of `benchmarks/finetune.py`.
 
-It trains on exactly the batches `finetune/lora.py` sees: the prepared train.safetensors read with
-`lit_gpt.data.load_prepared`, in the order of `lit_gpt.training.BatchStream` (same seed, length grouping,
-micro and global batch size), right-padded to each batch's longest sample by `lit_gpt.data.collate`, with
--100 wherever no loss is wanted. The loss is the token mean of the cross-entropy over those targets (the
+It trains on the data `finetune/lora.py` sees, the way a plain loop (or the HF Trainer, whose
+`group_by_length` is off by default) would: the prepared train.safetensors read with
+`lit_gpt.data.load_prepared`, in shuffled order (`lit_gpt.training.BatchStream` with length grouping off,
+same seed, micro and global batch size), right-padded to each batch's longest sample by
+`lit_gpt.data.collate`, with -100 wherever no loss is wanted. `--group_by_length true` gives it our
+length-grouped order instead. With the same order, seed and `--lora_dropout 0`, its batches and losses
+are those of `finetune/lora.py --train.group_by_length false --lora_dropout 0` (the harness checks this).
+The loss is the token mean of the cross-entropy over those targets (the
 batch is already shifted, so the logits are not shifted again), and the learning rate follows
 `lit_gpt.training.lr_at`, as in ours. Gradient clipping and AdamW settings match ours' defaults.
 
@@ -57,7 +61,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup_steps", type=int, default=100)
     p.add_argument("--grad_clip", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--group_by_length", type=_bool, default=True)
+    p.add_argument("--group_by_length", type=_bool, default=False, help="our length-grouped order (default: shuffled)")
     p.add_argument("--lora_r", type=int, default=8)
     p.add_argument("--lora_alpha", type=int, default=16)
     p.add_argument("--lora_dropout", type=float, default=0.05)

@@ -29,7 +29,7 @@ class GPT(nn.Module):
         self.wte = nn.Embedding(config.padded_vocab_size, config.n_embd)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = make_norm(config)
-        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=config.lm_head_bias)
+        self.lm_head = Linear(config.n_embd, config.padded_vocab_size, bias=config.lm_head_bias)
         if config.tie_embeddings:
             self.lm_head.weight = self.wte.weight
         self.max_seq_length = config.block_size  # rebuilds the RoPE cache
@@ -176,10 +176,10 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.config = config
         C, H, G, D = config.n_embd, config.n_head, config.n_query_groups, config.head_size
-        self.query = nn.Linear(C, H * D, bias=config.qkv_bias)
-        self.key = nn.Linear(C, G * D, bias=config.qkv_bias)
-        self.value = nn.Linear(C, G * D, bias=config.qkv_bias)
-        self.proj = nn.Linear(H * D, C, bias=config.bias)
+        self.query = Linear(C, H * D, bias=config.qkv_bias)
+        self.key = Linear(C, G * D, bias=config.qkv_bias)
+        self.value = Linear(C, G * D, bias=config.qkv_bias)
+        self.proj = Linear(H * D, C, bias=config.bias)
         self.kv_cache: Optional[KVCache] = None
 
     def forward(self, x, cos, sin, mask, input_pos):
@@ -223,8 +223,8 @@ class MLP(nn.Module):
 
     def __init__(self, config: Config) -> None:
         super().__init__()
-        self.fc = nn.Linear(config.n_embd, config.intermediate_size, bias=config.bias)
-        self.proj = nn.Linear(config.intermediate_size, config.n_embd, bias=config.bias)
+        self.fc = Linear(config.n_embd, config.intermediate_size, bias=config.bias)
+        self.proj = Linear(config.intermediate_size, config.n_embd, bias=config.bias)
         self.act = make_activation(config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -236,13 +236,40 @@ class GatedMLP(nn.Module):
 
     def __init__(self, config: Config) -> None:
         super().__init__()
-        self.fc_1 = nn.Linear(config.n_embd, config.intermediate_size, bias=config.bias)
-        self.fc_2 = nn.Linear(config.n_embd, config.intermediate_size, bias=config.bias)
-        self.proj = nn.Linear(config.intermediate_size, config.n_embd, bias=config.bias)
+        self.fc_1 = Linear(config.n_embd, config.intermediate_size, bias=config.bias)
+        self.fc_2 = Linear(config.n_embd, config.intermediate_size, bias=config.bias)
+        self.proj = Linear(config.intermediate_size, config.n_embd, bias=config.bias)
         self.act = make_activation(config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(self.act(self.fc_1(x)) * self.fc_2(x))
+
+
+class Linear(nn.Linear):
+    """nn.Linear, computed by `linear` (faster few-row products on CPU). Same parameters, same state dict."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """F.linear(x, weight, bias), x (..., in) -> (..., out), with few-row products on CPU split over the threads.
+
+    A decoding step multiplies a handful of rows by every weight. For such shapes the CPU BLAS runs on one
+    core, which streams the weight at a single core's memory bandwidth (15 of 34 GB/s on our 2-core machine).
+    Cutting the weight's rows into one block per thread and calling bmm streams it on all cores, with the
+    same result: SmolLM2-135M decoded 27 instead of 20 tokens/s at batch 1.
+    """
+    threads = torch.get_num_threads()
+    rows, out_features = x.numel() // x.size(-1), weight.size(0)
+    if (x.device.type != "cpu" or threads == 1 or rows > 64 or out_features < 512 or out_features % threads
+            or not weight.is_contiguous()):
+        return F.linear(x, weight, bias)
+    blocks = weight.view(threads, out_features // threads, weight.size(1))  # (threads, out / threads, in)
+    rows_per_block = x.reshape(1, rows, x.size(-1)).expand(threads, rows, x.size(-1))
+    y = torch.bmm(rows_per_block, blocks.transpose(1, 2))  # (threads, rows, out / threads)
+    y = y.transpose(0, 1).reshape(*x.shape[:-1], out_features)
+    return y if bias is None else y + bias
 
 
 def make_activation(config: Config) -> nn.Module:
@@ -359,7 +386,7 @@ class KVCache(nn.Module):
 
 # --- loss ------------------------------------------------------------------------------------------------
 def supervised_cross_entropy(
-    lm_head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk_size: int = 1024
+    lm_head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk_size: int = 128
 ) -> torch.Tensor:
     """Mean next-token cross-entropy over the positions whose target is not IGNORE_INDEX.
 
@@ -377,8 +404,55 @@ def supervised_cross_entropy(
     if y.numel() == 0:
         # Nothing to learn from; keep the graph connected so DDP/backward still work.
         return hidden.sum() * 0.0
+    if type(lm_head) in (nn.Linear, Linear):  # the usual head (not LoRA-wrapped, not quantized): fused
+        total = LinearCrossEntropy.apply(h, lm_head.weight, lm_head.bias, y, chunk_size, torch.is_grad_enabled())
+        return total / y.numel()
+    # Any other head (a LoRA-wrapped one, say): plain autograd, chunk by chunk.
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, y.numel(), chunk_size):
         logits = lm_head(h[start : start + chunk_size])
         total = total + F.cross_entropy(logits.float(), y[start : start + chunk_size], reduction="sum")
     return total / y.numel()
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """sum_i cross_entropy(h_i W^T + b, y_i), with the gradients worked out during the forward pass.
+
+    The gradient of softmax cross-entropy with respect to the logits is softmax - onehot. Computing it while
+    a chunk's logits are at hand means no logits are kept for the backward pass (autograd would keep every
+    chunk's log-softmax: N x V floats) and the softmax is done in place. On a SmolLM2-135M LoRA step
+    (600 supervised tokens) that lowered peak memory by 0.29 GB at the same speed.
+    Shapes: h (N, C), weight (V, C), bias (V,) or None, y (N,) -> scalar (float32).
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, y, chunk_size: int, with_grad: bool):
+        want_h, want_w, want_b = (with_grad and need for need in ctx.needs_input_grad[:3])
+        grad_h = torch.empty_like(h) if want_h else None
+        grad_w = torch.zeros_like(weight) if want_w else None
+        grad_b = torch.zeros_like(bias) if want_b else None
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for start in range(0, y.numel(), chunk_size):
+            h_chunk, y_chunk = h[start : start + chunk_size], y[start : start + chunk_size, None]
+            logits = F.linear(h_chunk, weight, bias).float()  # (n, V)
+            target_logit = logits.gather(1, y_chunk)  # (n, 1)
+            row_max = logits.amax(dim=1, keepdim=True)
+            probs = logits.sub_(row_max).exp_()  # unnormalised, in place
+            row_sum = probs.sum(dim=1, keepdim=True)
+            total += (row_max + row_sum.log() - target_logit).sum()  # logsumexp - target logit
+            if want_h or want_w or want_b:
+                probs.div_(row_sum).scatter_add_(1, y_chunk, probs.new_full(y_chunk.shape, -1.0))
+                grad_logits = probs.to(weight.dtype)  # softmax - onehot, (n, V)
+                if want_h:
+                    torch.mm(grad_logits, weight, out=grad_h[start : start + chunk_size])
+                if want_w:
+                    grad_w.addmm_(grad_logits.t(), h_chunk)
+                if want_b:
+                    grad_b += grad_logits.sum(dim=0)
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grads = [None if g is None else g * grad_total.to(g.dtype) for g in ctx.saved_tensors]
+        return *grads, None, None, None

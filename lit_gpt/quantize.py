@@ -8,7 +8,7 @@ bitsandbytes parameter; embeddings, norms and every PEFT parameter stay in the r
                                        └──► bnb.nn.Int8Params  (int8 rows + one scale per row, LLM.int8())
 
     x ─► quantize.linear(x, weight, bias) ─► bnb.matmul_4bit / bnb.matmul for a quantized weight,
-                                            F.linear for a float one
+                                            lit_gpt.model.linear (F.linear) for a float one
 
 `linear` is the one base path of every linear layer: the plain layers become `QuantizedLinear` (an
 `nn.Linear` whose forward calls it) and the PEFT wrappers (`LoRALinear`, `AdapterV2Linear`) call it for
@@ -43,6 +43,9 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from lit_gpt.model import Linear
+from lit_gpt.model import linear as model_linear
 
 MODES = ("bnb.nf4", "bnb.nf4-dq", "bnb.fp4", "bnb.fp4-dq", "bnb.int8", "bnb.int8-training")
 MIN_BNB_VERSION = (0, 45)
@@ -151,7 +154,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     Gradients flow to `x` (and `bias`) through bitsandbytes' autograd functions; the quantized weight is frozen.
     """
     if not is_quantized(weight):
-        return F.linear(x, weight, bias)
+        return model_linear(x, weight, bias)
     bnb = bnb_module()
     if getattr(weight, "quant_state", None) is not None:
         return bnb.matmul_4bit(x, weight.t(), bias=bias, quant_state=weight.quant_state)
@@ -192,7 +195,7 @@ def load_base_model(checkpoint_dir: Path | str, quantize: Optional[str], device,
     with torch.device("meta"):
         model = GPT(config)
     tied = {id(model.wte.weight)} if config.tie_embeddings else set()
-    targets = {f"{name}.weight" for name, m in model.named_modules() if type(m) is nn.Linear and id(m.weight) not in tied}
+    targets = {f"{name}.weight" for name, m in model.named_modules() if type(m) in (nn.Linear, Linear) and id(m.weight) not in tied}
     header = _safetensors_header(path)
     check_state_dict_keys(model, {k: torch.Size(v["shape"]) for k, v in header.items()}, path)
     with open(path, "rb") as f:

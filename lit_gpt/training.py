@@ -33,6 +33,7 @@ from lit_gpt.checkpoint import (
     save_safetensors,
 )
 from lit_gpt.model import IGNORE_INDEX
+from lit_gpt.utils import reuse_freed_host_memory
 
 HPARAMS_FILE = "hyperparameters.yaml"
 RESUME_FILE = "resume_state.pt"
@@ -59,6 +60,8 @@ def setup_fabric(devices: int, precision: str, strategy: str) -> L.Fabric:
         strategy = "ddp"
     elif strategy not in ("auto", "ddp"):
         raise ValueError(f"--strategy must be one of auto, ddp, fsdp; got {strategy!r}.")
+    if accelerator() == "cpu":
+        reuse_freed_host_memory()  # activations live in host memory: stop page-faulting them in every step
     return L.Fabric(accelerator=accelerator(), devices=devices, strategy=strategy, precision=precision)
 
 

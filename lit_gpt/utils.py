@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import resource
 import sys
 from typing import Optional
@@ -63,6 +65,13 @@ def choose_precision(requested: Optional[str], device_type: str) -> str:
                 f"Precision {requested!r} needs bfloat16, which this Mac's MPS backend does not support "
                 "(it needs macOS 14 or newer). Use --precision 16-true instead."
             )
+    if requested.startswith("bf16") and device_type == "cpu" and not _cpu_has_bf16():
+        print(
+            f"warning: --precision {requested}: this CPU has no bfloat16 instructions (avx512_bf16 or amx_bf16), "
+            "so bf16 matmuls are emulated: 8x slower than fp32 on our AVX2 test machine. "
+            "--precision 32-true is the fast choice here.",
+            file=sys.stderr,
+        )
     if requested == "16-mixed" and device_type == "cpu":
         raise ValueError(
             "Precision '16-mixed' (float16 autocast) is not supported on CPU. Use --precision bf16-mixed, "
@@ -82,6 +91,16 @@ def precision_to_dtype(precision: str) -> torch.dtype:
 
 def _cuda_has_bf16() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+
+
+def _cpu_has_bf16() -> bool:
+    """Whether the CPU has bfloat16 matmul instructions; True when it cannot tell (not Linux)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return True
+    return not flags or "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def _mps_has_bf16() -> bool:
@@ -112,3 +131,28 @@ def peak_memory(device: torch.device) -> str:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     peak_bytes = peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, kilobytes on Linux
     return f"{peak_bytes / 1e9:.2f} GB (process peak RSS)"
+
+
+# glibc mallopt() parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_MMAP_THRESHOLD_MAX = 32 * 1024 * 1024  # the largest value glibc accepts on 64-bit systems
+
+
+def reuse_freed_host_memory() -> bool:
+    """Keep freed host memory in the process for the next step instead of handing it back to the OS (glibc).
+
+    A CPU training step allocates and frees the same activation buffers every step. With glibc's defaults,
+    buffers above an adaptive size threshold are mmap-ed fresh and returned on free, so every step
+    page-faults them in again (a 118 MB logits buffer took 110 ms just to zero-fill). Serving buffers up to
+    32 MiB from the heap and never trimming it made a SmolLM2-135M LoRA step ~5% faster on our 2-core CPU.
+    The cost: the process keeps its peak heap size until it exits. Meant for CPU training and generation;
+    returns False (and changes nothing) on other C libraries.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))

@@ -11,7 +11,7 @@ from lit_gpt import adapter_v2
 from lit_gpt.adapter import AdapterAttention
 from lit_gpt.adapter_v2 import AdapterV2Linear, AdapterV2Settings
 from lit_gpt.config import Config
-from lit_gpt.model import GPT, RMSNorm
+from lit_gpt.model import GPT, Linear, RMSNorm
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -33,10 +33,10 @@ def test_adapter_v2_linear_formula_and_identity_at_init(bias):
 def test_every_linear_wrapped_norms_trainable_by_type(overrides):
     config = tiny_llama_config(n_layer=3, **overrides)
     model = GPT(config)
-    n_linear = sum(type(m) is nn.Linear for m in model.modules())
+    n_linear = sum(type(m) is Linear for m in model.modules())
     adapter_v2.apply(model, AdapterV2Settings(prompt_length=3, start_layer=1))
     assert sum(isinstance(m, AdapterV2Linear) for m in model.modules()) == n_linear
-    assert not any(type(m) is nn.Linear for m in model.modules())
+    assert not any(type(m) is Linear for m in model.modules())
     assert [isinstance(b.attn, AdapterAttention) for b in model.blocks] == [False, True, True]
     if config.tie_embeddings:
         assert model.lm_head.weight is model.wte.weight

@@ -202,6 +202,17 @@ def test_choose_precision_defaults_and_errors():
     assert precision_to_dtype("bf16-true") == torch.bfloat16 and precision_to_dtype("bf16-mixed") == torch.float32
 
 
+@pytest.mark.parametrize("has_bf16", [False, True])
+def test_bf16_on_a_cpu_without_bf16_instructions_warns_but_runs(monkeypatch, capsys, has_bf16):
+    import lit_gpt.utils
+
+    monkeypatch.setattr(lit_gpt.utils, "_cpu_has_bf16", lambda: has_bf16)
+    assert choose_precision("bf16-true", "cpu") == "bf16-true"
+    warned = "no bfloat16 instructions" in capsys.readouterr().err
+    assert warned != has_bf16
+    assert choose_precision("32-true", "cpu") == "32-true" and "warning" not in capsys.readouterr().err
+
+
 def test_choose_precision_on_a_cuda_gpu_without_bf16(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)

@@ -10,7 +10,7 @@ from conftest import tiny_llama_config
 from lit_gpt import lora
 from lit_gpt.config import Config
 from lit_gpt.lora import LoRALinear, LoRASettings
-from lit_gpt.model import GPT
+from lit_gpt.model import GPT, Linear
 
 
 def randomize_lora(model: nn.Module, seed: int = 1) -> None:
@@ -64,6 +64,38 @@ def test_dropout_only_on_lora_path():
     torch.testing.assert_close(layer(x), base(x) + 2.0 * (x @ layer.lora_A.T @ layer.lora_B.T))
 
 
+def test_shared_dropout_gives_one_mask_per_input_tensor():
+    torch.manual_seed(0)
+    dropout = lora.SharedDropout(0.5).train()
+    x, y = torch.randn(64, 16), torch.randn(64, 16)
+    first = dropout(x)
+    assert dropout(x) is first  # a second reader of the same input (the value after the query) gets the same mask
+    assert not torch.equal(dropout(y) != 0, first != 0)  # another input draws its own
+    again = dropout(x)
+    assert not torch.equal(again != 0, first != 0)  # the memory holds only the last input
+    assert 0.3 < (first == 0).float().mean() < 0.7
+    dropout.eval()
+    assert dropout(x) is x
+
+
+def test_lora_layers_reading_one_input_share_their_dropout_mask():
+    torch.manual_seed(0)
+    model = GPT(tiny_llama_config())
+    lora.apply(model, lora.LoRASettings(dropout=0.5, query=True, key=True, value=True))
+    attn = model.blocks[0].attn
+    assert attn.query.dropout is attn.value.dropout is model.blocks[1].attn.key.dropout
+    model.train()
+    x = torch.randn(2, 8, model.config.n_embd)
+    seen = []
+    for layer in (attn.query, attn.key, attn.value):
+        handle = layer.dropout.register_forward_hook(lambda module, args, out: seen.append(out))
+        layer(x)
+        handle.remove()
+    assert seen[0] is seen[1] is seen[2]
+    # The shared module holds no tensors: the state dict has only base and LoRA keys.
+    assert not any("dropout" in k for k in model.state_dict())
+
+
 def test_merge_unmerge_layer():
     torch.manual_seed(0)
     layer = LoRALinear(nn.Linear(16, 8), r=4, alpha=8, dropout=0.0)
@@ -99,7 +131,7 @@ def test_merged_model_equals_unmerged_and_has_base_keys(tie):
     torch.testing.assert_close(merged, unmerged, rtol=1e-5, atol=1e-5)
     assert list(model.state_dict()) == base_keys
     assert not any(isinstance(m, LoRALinear) for m in model.modules())
-    assert all(type(m) is nn.Linear for n, m in model.named_modules() if n.endswith(("query", "proj", "fc_1", "lm_head")))
+    assert all(type(m) is Linear for n, m in model.named_modules() if n.endswith(("query", "proj", "fc_1", "lm_head")))
     if tie:
         assert model.lm_head.weight is model.wte.weight
 

@@ -39,6 +39,7 @@ from lit_gpt.args import EvalArgs, TrainArgs  # noqa: E402
 from lit_gpt.checkpoint import WEIGHTS_FILE  # noqa: E402
 from lit_gpt.data import Example, prepare_instruction_data  # noqa: E402
 from lit_gpt.generation import load_model  # noqa: E402
+from lit_gpt.model import Linear  # noqa: E402
 from lit_gpt.quantize import QuantizeError, check_quantize  # noqa: E402
 
 from conftest import make_checkpoint_dir  # noqa: E402
@@ -150,7 +151,7 @@ def test_load_base_model_quantizes_every_untied_linear(tmp_path, tie):
     assert len(linears) == 7 * config.n_layer + 1
     for name, module in linears.items():
         if name == "lm_head" and tie:
-            assert type(module) is nn.Linear and module.weight is model.wte.weight  # the embedding stays float
+            assert type(module) is Linear and module.weight is model.wte.weight  # the embedding stays float
         else:
             assert type(module) is quantize.QuantizedLinear and quantize.is_quantized(module.weight), name
     assert not any(p.is_meta for p in model.parameters())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -34,6 +35,24 @@ def test_loss_at_supervised_positions_equals_full_cross_entropy():
     reference = F.cross_entropy(head(hidden).flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
     for chunk_size in (1, 4, 1024):
         torch.testing.assert_close(supervised_cross_entropy(head, hidden, targets, chunk_size), reference)
+
+
+@pytest.mark.parametrize("head_kind", ["linear", "wrapped"])  # the fused path, and plain autograd for other heads
+def test_loss_gradients_equal_autograd_through_full_cross_entropy(head_kind):
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(16, 50)  # weight and bias both train here, as in full finetuning
+    head = linear if head_kind == "linear" else torch.nn.Sequential(linear)
+    hidden = torch.randn(3, 9, 16, requires_grad=True)
+    targets = torch.randint(0, 50, (3, 9))
+    targets[1, :6] = IGNORE_INDEX
+    reference = F.cross_entropy(linear(hidden).flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+    expected = torch.autograd.grad(3.0 * reference, (hidden, linear.weight, linear.bias))
+    loss = supervised_cross_entropy(head, hidden, targets, chunk_size=5)
+    got = torch.autograd.grad(3.0 * loss, (hidden, linear.weight, linear.bias))  # an upstream scale is applied
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e)
+    with torch.no_grad():  # validation: the loss alone, nothing kept
+        torch.testing.assert_close(supervised_cross_entropy(head, hidden, targets, chunk_size=5), reference)
 
 
 def test_packed_rows_give_each_sample_its_unpacked_loss():
