@@ -60,7 +60,8 @@ def main(argv=None) -> dict:
             tokens.append([int(t) for t in step] if batch_size > 1 else int(step))
         total = time.perf_counter() - start
         model.clear_kv_cache()
-        return ttft, total, tokens
+        rows = [list(row) for row in zip(*tokens)] if batch_size > 1 else tokens  # step-major -> one list per row
+        return ttft, total, rows
 
     result = {"litgpt_config": config.name, "runs": {}}
     for batch_size in (1, args.batch_size):
