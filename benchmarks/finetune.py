@@ -302,15 +302,19 @@ def loss_parity(args, ctx, work: Path) -> dict:
     same = argparse.Namespace(**{**vars(args), "warmup": 0, "steps": args.parity_steps})
     same.extra_ours = [*args.extra_ours, "--train.group_by_length", "false", "--lora_dropout", "0"]
     same.extra_hf = [*args.extra_hf, "--group_by_length", "false", "--lora_dropout", "0"]
-    losses = {}
+    losses, times = {}, {}
     for tool in ("ours", "hf"):
         out_dir = work / "runs" / f"{tool}-parity"
         shutil.rmtree(out_dir, ignore_errors=True)
         log(f"loss parity: {tool}, {args.parity_steps} steps on the same batches, no dropout")
-        losses[tool] = [s["loss"] for s in RUNNERS[tool](same, ctx, out_dir)["steps"]]
+        steps = RUNNERS[tool](same, ctx, out_dir)["steps"]
+        losses[tool], times[tool] = [s["loss"] for s in steps], [s["time_s"] for s in steps]
     rel = [abs(o - h) / abs(h) for o, h in zip(losses["ours"], losses["hf"])]
-    return {"steps": args.parity_steps, "losses": losses, "max_rel_diff": max(rel), "rtol": PARITY_RTOL,
-            "within_rtol": max(rel) <= PARITY_RTOL}
+    # The same batches also give a like-for-like speed ratio (no length grouping for either); step 1 warms up.
+    speedup = [h / o for o, h in zip(times["ours"][1:], times["hf"][1:])]
+    return {"steps": args.parity_steps, "losses": losses, "step_times_s": times, "max_rel_diff": max(rel),
+            "rtol": PARITY_RTOL, "within_rtol": max(rel) <= PARITY_RTOL,
+            "same_batch_speedup": spread(speedup) if speedup else None}
 
 
 # --- FLOPs and the matmul ceiling -------------------------------------------------------------------------
@@ -415,6 +419,9 @@ def report(result: dict) -> None:
               f"difference {parity['max_rel_diff']:.1e} ({verdict} {parity['rtol']:.0e})")
         for step, (o, h) in enumerate(zip(parity["losses"]["ours"], parity["losses"]["hf"]), start=1):
             print(f"{step:>4}  ours {o:.6f}  hf {h:.6f}")
+        if parity.get("same_batch_speedup"):
+            print(f"on those same batches (no length grouping for either), ours/hf step speed after step 1: "
+                  f"{fmt(parity['same_batch_speedup'])}")
     for tool, errors in result["errors"].items():
         for e in errors:
             print(f"\n{tool} failed: {e}", file=sys.stderr)

@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 import weakref
 from dataclasses import dataclass
-from typing import Iterator, Union
+from typing import Iterator, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -85,16 +85,18 @@ class SharedDropout(nn.Dropout):
 
     def __init__(self, p: float) -> None:
         super().__init__(p)
-        self._last: tuple = (lambda: None, lambda: None)  # weak references to the last input and its output
+        self._last_input: Optional[weakref.ref] = None  # weak references to the last input and its output
+        self._last_output: Optional[weakref.ref] = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0 or torch.compiler.is_compiling():
             return super().forward(x)
-        last_input, last_output = self._last[0](), self._last[1]()
-        if last_input is x and last_output is not None:
-            return last_output
+        if self._last_input is not None and self._last_input() is x:
+            out = self._last_output()
+            if out is not None:
+                return out
         out = super().forward(x)
-        self._last = (weakref.ref(x), weakref.ref(out))
+        self._last_input, self._last_output = weakref.ref(x), weakref.ref(out)
         return out
 
 
@@ -102,7 +104,7 @@ class LoRALinear(nn.Module):
     """A linear layer plus a trainable low-rank update; computes W x + b + (alpha / r)·B A dropout(x).
 
     Takes over `linear`'s `weight` and `bias` Parameter objects (no copy, ties preserved). `dropout` is a
-    probability, or a dropout module shared with the other LoRA layers of the block (see `SharedDropout`).
+    probability, or a dropout module shared with the model's other LoRA layers (see `SharedDropout`).
     Shapes: x (..., in_features) -> (..., out_features); lora_A (r, in_features), lora_B (out_features, r).
     """
 

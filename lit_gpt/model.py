@@ -258,7 +258,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     A decoding step multiplies a handful of rows by every weight. For such shapes the CPU BLAS runs on one
     core, which streams the weight at a single core's memory bandwidth (15 of 34 GB/s on our 2-core machine).
     Cutting the weight's rows into one block per thread and calling bmm streams it on all cores, with the
-    same result: SmolLM2-135M decoded 27 instead of 20 tokens/s at batch 1.
+    same result: SmolLM2-135M decoded 24-27 instead of ~20 tokens/s at batch 1.
     """
     threads = torch.get_num_threads()
     rows, out_features = x.numel() // x.size(-1), weight.size(0)

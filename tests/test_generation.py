@@ -9,7 +9,7 @@ import torch
 
 from lit_gpt.checkpoint import CheckpointError
 from lit_gpt.generation import generate, load_model, sample, top_p_filter
-from lit_gpt.model import GPT
+from lit_gpt.model import GPT, Linear, linear
 from lit_gpt.utils import choose_precision, num_parameters, precision_to_dtype
 
 from conftest import tiny_llama_config
@@ -164,6 +164,32 @@ def test_too_long_prompt_is_a_clear_error_at_call_time(model):
 
 
 # --- load_model ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("rows", [1, 3, 64, 65])  # 65 rows: past the split threshold, plain F.linear
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_thread_split_linear_equals_f_linear(rows, threads):
+    torch.manual_seed(0)
+    weight, bias = torch.randn(1536, 96), torch.randn(1536)  # 1536 rows: divisible by 1, 2 and 3 threads
+    x = torch.randn(rows, 1, 96, requires_grad=True)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = linear(x, weight, bias)
+    finally:
+        torch.set_num_threads(old)
+    expected = torch.nn.functional.linear(x, weight, bias)
+    assert got.shape == expected.shape == (rows, 1, 1536)
+    torch.testing.assert_close(got, expected)
+    (grad,) = torch.autograd.grad(got.sum(), x)
+    torch.testing.assert_close(grad, torch.autograd.grad(expected.sum(), x)[0])
+
+
+def test_model_linear_layers_keep_plain_linear_state_dicts():
+    model = GPT(tiny_llama_config())
+    assert isinstance(model.lm_head, torch.nn.Linear) and isinstance(model.blocks[0].attn.query, Linear)
+    plain = torch.nn.Linear(model.config.n_embd, model.config.padded_vocab_size, bias=False)
+    assert plain.state_dict().keys() == model.lm_head.state_dict().keys()
+
+
 def test_load_model_matches_the_saved_weights(checkpoint_dir):
     from lit_gpt.checkpoint import WEIGHTS_FILE, load_weights_file
 
