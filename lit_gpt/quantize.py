@@ -42,7 +42,6 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from lit_gpt.model import Linear
 from lit_gpt.model import linear as model_linear
