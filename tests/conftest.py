@@ -6,6 +6,7 @@ Nothing here touches the network.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,19 @@ from lit_gpt.model import GPT
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+# For scripts run as subprocesses: one thread each (tiny matmuls on two contended cores are slower), unbuffered.
+SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Torch on one thread for a test module: small matmuls on two contended threads are much slower than on one.
+
+    Use it with `pytestmark = pytest.mark.usefixtures("one_torch_thread")` or as a fixture argument."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 CORPUS = [
     "Below is an instruction that describes a task. Write a response that appropriately completes the request.",

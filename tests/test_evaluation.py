@@ -46,12 +46,7 @@ RECORDS = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls on two contended threads are much slower than on one
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def run_script(script: str, *args: str, monkeypatch, capsys) -> tuple[int, str, str]:

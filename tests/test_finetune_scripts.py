@@ -44,7 +44,7 @@ from lit_gpt.peft import METHODS, load_finetuned
 from lit_gpt.prompts import alpaca_prompt
 from lit_gpt.tokenizer import Tokenizer
 
-from conftest import make_checkpoint_dir
+from conftest import SUBPROCESS_ENV, make_checkpoint_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 PAIRS = [  # distinct first answer tokens, words the tiny tokenizer knows
@@ -65,15 +65,9 @@ RUNS = {
     "full": dict(lr=3e-3, settings={}),
 }
 STEPS, SAVE_INTERVAL = 150, 50
-SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def load_script(relative: str):

