@@ -722,6 +722,29 @@ def collate(
     return input_ids, targets
 
 
+# Below this many tokens, computing a shared prefix once saves less than its bookkeeping costs.
+MIN_SHARED_PREFIX = 8
+
+
+def shared_prefix_length(input_ids: torch.Tensor, targets: torch.Tensor) -> int:
+    """How many leading positions every row of a batch has in common, with no loss at any of them.
+
+    That is the instruction template most data starts with; the model computes those positions once
+    (`GPT.forward(shared_prefix=...)`). 0 when there is one row or fewer than MIN_SHARED_PREFIX such
+    positions. At most T - 1, so every row keeps a position of its own.
+
+    Args:
+        input_ids, targets: (B, T), as `collate` makes them.
+    """
+    B, T = input_ids.shape
+    if B < 2 or T < 2:
+        return 0
+    shared = (input_ids == input_ids[:1]).all(dim=0) & (targets == IGNORE_INDEX).all(dim=0)  # (T,)
+    not_shared = (~shared).nonzero()
+    length = min(int(not_shared[0]) if len(not_shared) else T, T - 1)
+    return length if length >= MIN_SHARED_PREFIX else 0
+
+
 def collate_packed(
     rows: Sequence[Sequence[tuple[torch.Tensor, torch.Tensor]]], pad_id: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

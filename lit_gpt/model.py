@@ -62,6 +62,7 @@ class GPT(nn.Module):
         pad_lengths: Optional[torch.Tensor] = None,
         last_only: bool = False,
         positions: Optional[torch.Tensor] = None,
+        shared_prefix: int = 0,
     ) -> torch.Tensor:
         """Run the model.
 
@@ -78,6 +79,9 @@ class GPT(nn.Module):
             last_only: return only the last position's logits, (B, 1, V): all a generation prefill needs.
             positions: for packed training rows, (B, T): several samples back to back, each starting again at
                 position 0. A token then attends only to earlier tokens of its own sample.
+            shared_prefix: with `targets`: every row begins with the same `shared_prefix` tokens (an instruction
+                template), none of which carries loss. They are computed once instead of B times (see
+                `SharedPrefix`); the loss is the same.
 
         Returns:
             logits (B, T, V), or the scalar loss when `targets` is given.
@@ -89,7 +93,13 @@ class GPT(nn.Module):
                     f"Cannot forward a sequence of length {T}: max_seq_length is {self.max_seq_length} "
                     f"(block_size {self.config.block_size})."
                 )
-            if positions is None:
+            if shared_prefix:
+                if targets is None or positions is not None:
+                    raise ValueError("shared_prefix needs targets (a training loss) and no packed positions.")
+                layout = SharedPrefix(shared_prefix, rows=idx.size(0), row_length=T, device=idx.device)
+                idx, targets = layout.flatten(idx), layout.flatten(targets)  # (1, N)
+                cos, sin, mask = self.cos[layout.positions], self.sin[layout.positions], layout  # (N, n)
+            elif positions is None:
                 cos, sin, mask = self.cos[:T], self.sin[:T], None  # mask None = causal
             else:
                 cos, sin = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)  # (B, 1, T, n)
@@ -202,8 +212,18 @@ class CausalSelfAttention(nn.Module):
         v = self.value(x).view(B, T, -1, D).transpose(1, 2)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
-    def attend(self, q, k, v, mask: Optional[torch.Tensor]) -> torch.Tensor:
-        """Scaled dot-product attention; `mask` None means causal over T. Returns (B, H, T, D)."""
+    def attend(self, q, k, v, mask) -> torch.Tensor:
+        """Scaled dot-product attention. Returns (B, H, T, D).
+
+        `mask`: None means causal over T; a boolean tensor, True where a query may attend to a key; or a
+        `SharedPrefix` layout, which splits the attention by rows.
+        """
+        if isinstance(mask, SharedPrefix):
+            return mask.attend(q, k, v, self.scaled_dot_product)
+        return self.scaled_dot_product(q, k, v, mask)
+
+    def scaled_dot_product(self, q, k, v, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """softmax(q k^T / sqrt(D)) v over (B, H, T, D) queries and (B, G, S, D) keys/values; None = causal."""
         return F.scaled_dot_product_attention(
             q,
             k,
@@ -353,6 +373,45 @@ def packed_causal_mask(positions: torch.Tensor) -> torch.Tensor:
     return ((sample[:, :, None] == sample[:, None, :]) & causal)[:, None]
 
 
+class SharedPrefix:
+    """A training batch whose B rows all begin with the same P tokens, laid out so those are computed once.
+
+    Instruction data starts every sample with the same template ("Below is an instruction that ..."),
+    24 tokens of a 160-token math sample with SmolLM2's tokenizer. The batch (B, T) becomes one row
+    [prefix, rest of row 0, ..., rest of row B-1] of N = P + B (T - P) tokens. Embeddings, norms, linear
+    layers and the MLP work token by token, so they run on that row unchanged; only attention needs the
+    layout: the prefix attends causally to itself, and each row's rest to the prefix and causally to
+    itself -- exactly what each row would compute alone. (Dropout, when on, draws one mask for the prefix.)
+    """
+
+    def __init__(self, length: int, rows: int, row_length: int, device=None) -> None:
+        if not 0 < length < row_length:
+            raise ValueError(f"A shared prefix of {length} tokens needs rows longer than it (got {row_length}).")
+        self.length, self.rows, self.rest = length, rows, row_length - length  # P, B, S = T - P
+        positions = torch.arange(row_length, device=device)
+        self.positions = torch.cat((positions[:length], positions[length:].repeat(rows)))  # (N,)
+
+    def flatten(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, ...) -> (1, N, ...): the prefix of row 0, then the rest of every row."""
+        P = self.length
+        return torch.cat((x[:1, :P], x[:, P:].reshape(1, -1, *x.shape[2:])), dim=1)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sdpa) -> torch.Tensor:
+        """q (1, H, N, D), k and v (1, G, N, D) -> (1, H, N, D), with `sdpa(q, k, v, mask)` doing the attention."""
+        P, B, S = self.length, self.rows, self.rest
+
+        def rests(t):  # (1, h, N, D) -> each row's rest, (B, h, S, D)
+            return t[0, :, P:].unflatten(1, (B, S)).transpose(0, 1)
+
+        def behind_prefix(t):  # (B, h, P + S, D): the prefix's keys (or values) in front of each row's own
+            return torch.cat((t[:, :, :P].expand(B, -1, -1, -1), rests(t)), dim=2)
+
+        y_prefix = sdpa(q[:, :, :P], k[:, :, :P], v[:, :, :P], None)  # causal, (1, H, P, D)
+        sees = torch.ones(S, P + S, dtype=torch.bool, device=q.device).tril(diagonal=P)  # prefix + causal
+        y_rests = sdpa(rests(q), behind_prefix(k), behind_prefix(v), sees)  # (B, H, S, D)
+        return torch.cat((y_prefix, y_rests.transpose(0, 1).flatten(1, 2)[None]), dim=2)
+
+
 # --- KV cache --------------------------------------------------------------------------------------------
 class KVCache(nn.Module):
     """Preallocated keys and values, (B, G, max_seq_length, D) each, filled at the given positions."""
@@ -386,7 +445,7 @@ class KVCache(nn.Module):
 
 # --- loss ------------------------------------------------------------------------------------------------
 def supervised_cross_entropy(
-    lm_head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk_size: int = 128
+    lm_head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk_size: int = 256
 ) -> torch.Tensor:
     """Mean next-token cross-entropy over the positions whose target is not IGNORE_INDEX.
 
@@ -433,22 +492,26 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_b = torch.zeros_like(bias) if want_b else None
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         for start in range(0, y.numel(), chunk_size):
-            h_chunk, y_chunk = h[start : start + chunk_size], y[start : start + chunk_size, None]
-            logits = F.linear(h_chunk, weight, bias).float()  # (n, V)
-            target_logit = logits.gather(1, y_chunk)  # (n, 1)
-            row_max = logits.amax(dim=1, keepdim=True)
-            probs = logits.sub_(row_max).exp_()  # unnormalised, in place
-            row_sum = probs.sum(dim=1, keepdim=True)
-            total += (row_max + row_sum.log() - target_logit).sum()  # logsumexp - target logit
+            h_chunk, y_chunk = h[start : start + chunk_size], y[start : start + chunk_size]
+            rows = torch.arange(y_chunk.numel(), device=h.device)
+            # Logits transposed, (V, n): W h^T ran ~1.4x faster than h W^T on CPU for these shapes.
+            logits = torch.mm(weight, h_chunk.t()).float()
+            if bias is not None:
+                logits += bias.float()[:, None]
+            target_logit = logits[y_chunk, rows]  # (n,)
+            col_max = logits.amax(dim=0)  # (n,)
+            probs = logits.sub_(col_max).exp_()  # unnormalised, in place
+            col_sum = probs.sum(dim=0)
+            total += (col_max + col_sum.log() - target_logit).sum()  # logsumexp - target logit
             if want_h or want_w or want_b:
-                probs.div_(row_sum).scatter_add_(1, y_chunk, probs.new_full(y_chunk.shape, -1.0))
-                grad_logits = probs.to(weight.dtype)  # softmax - onehot, (n, V)
+                probs.div_(col_sum).index_put_((y_chunk, rows), probs.new_tensor(-1.0), accumulate=True)
+                grad_logits = probs.to(weight.dtype)  # softmax - onehot, (V, n)
                 if want_h:
-                    torch.mm(grad_logits, weight, out=grad_h[start : start + chunk_size])
+                    torch.mm(grad_logits.t(), weight, out=grad_h[start : start + chunk_size])
                 if want_w:
-                    grad_w.addmm_(grad_logits.t(), h_chunk)
+                    grad_w.addmm_(grad_logits, h_chunk)
                 if want_b:
-                    grad_b += grad_logits.sum(dim=0)
+                    grad_b += grad_logits.sum(dim=1)
         ctx.save_for_backward(grad_h, grad_w, grad_b)
         return total
 

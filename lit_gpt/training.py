@@ -171,7 +171,7 @@ class BatchStream:
 
     def next_step(self) -> list[MicroBatch]:
         """This rank's micro-batches for the next optimizer step."""
-        from lit_gpt.data import collate
+        from lit_gpt.data import collate, shared_prefix_length
 
         if self.train.packing:
             return self._next_packed_step()
@@ -181,7 +181,10 @@ class BatchStream:
         for start in range(0, len(indices), micro * self.world):
             samples = [self.dataset[i] for i in indices[start + self.rank * micro : start + (self.rank + 1) * micro]]
             input_ids, targets = collate(samples, pad_id=self.pad_id)
-            batches.append(MicroBatch.of(input_ids, targets, tokens=sum(len(s[0]) - 1 for s in samples)))
+            share = self.train.shared_prefix and not self.train.compile  # the compiled graph takes no layout
+            prefix = shared_prefix_length(input_ids, targets) if share else 0
+            tokens = sum(len(s[0]) - 1 for s in samples)
+            batches.append(MicroBatch.of(input_ids, targets, tokens=tokens, shared_prefix=prefix))
         return batches
 
     def _next_packed_step(self) -> list[MicroBatch]:
@@ -217,17 +220,21 @@ class MicroBatch:
     supervised: int  # targets that carry loss
     tokens: int  # non-padding input tokens
     positions: Optional[torch.Tensor] = None  # (B, T) for packed rows
+    shared_prefix: int = 0  # leading tokens all rows share with no loss, computed once (data.shared_prefix_length)
 
     @classmethod
-    def of(cls, input_ids, targets, tokens: int, positions=None) -> "MicroBatch":
-        return cls(input_ids, targets, int((targets != IGNORE_INDEX).sum()), tokens, positions)
+    def of(cls, input_ids, targets, tokens: int, positions=None, shared_prefix: int = 0) -> "MicroBatch":
+        return cls(input_ids, targets, int((targets != IGNORE_INDEX).sum()), tokens, positions, shared_prefix)
 
-    def model_inputs(self, device) -> dict[str, torch.Tensor]:
+    def model_inputs(self, device) -> dict[str, Any]:
         """Keyword arguments of `model(...)` for this batch, on `device`: the loss comes back."""
         inputs = {"idx": self.input_ids, "targets": self.targets}
         if self.positions is not None:
             inputs["positions"] = self.positions
-        return {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
+        inputs = {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
+        if self.shared_prefix:
+            inputs["shared_prefix"] = self.shared_prefix
+        return inputs
 
 
 def prepare_model_for_training(model: nn.Module, train: TrainArgs) -> nn.Module:

@@ -8,8 +8,9 @@ import torch.nn.functional as F
 
 from conftest import tiny_llama_config
 from lit_gpt.args import TrainArgs
-from lit_gpt.data import InstructionDataset, collate, collate_packed
+from lit_gpt.data import MIN_SHARED_PREFIX, InstructionDataset, collate, collate_packed, shared_prefix_length
 from lit_gpt.model import GPT, IGNORE_INDEX, supervised_cross_entropy
+from lit_gpt import adapter, lora
 from lit_gpt.training import BatchStream, DataPosition
 
 
@@ -80,6 +81,66 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients():
     torch.testing.assert_close(grads[0][0], grads[1][0], rtol=0, atol=0)
     for a, b in zip(grads[0][1], grads[1][1]):
         torch.testing.assert_close(a, b)
+
+
+def _template_batch(template_length: int = 10, seed: int = 0):
+    """Three samples that all begin with the same masked template, as collate batches them."""
+    g = torch.Generator().manual_seed(seed)
+    template = torch.randint(0, 64, (template_length,), generator=g)
+    samples = []
+    for length, prompt in ((9, 4), (14, 6), (6, 2)):  # after the template: own prompt tokens, then a response
+        ids = torch.cat((template, torch.randint(0, 64, (length,), generator=g)))
+        labels = ids.clone()
+        labels[: template_length + prompt] = IGNORE_INDEX
+        samples.append((ids, labels))
+    return collate(samples)
+
+
+def test_shared_prefix_length_is_the_template_without_loss():
+    x, y = _template_batch(template_length=10)
+    assert shared_prefix_length(x, y) == 10
+    y[1, 8] = 5  # a position that carries loss ends the shared part there
+    assert shared_prefix_length(x, y) == 8
+    assert shared_prefix_length(x[:1], y[:1]) == 0  # one row: nothing to share
+    short_x, short_y = _template_batch(template_length=MIN_SHARED_PREFIX - 1)
+    assert shared_prefix_length(short_x, short_y) == 0  # too short to pay off
+    same = x[:1].repeat(2, 1)
+    assert shared_prefix_length(same, torch.full_like(same, IGNORE_INDEX)) == x.size(1) - 1  # a row keeps a token
+
+
+@pytest.mark.parametrize("method", ["none", "lora", "adapter"])
+def test_shared_prefix_gives_the_same_loss_and_gradients(method):
+    torch.manual_seed(0)
+    model = GPT(tiny_llama_config(vocab_size=64, block_size=64, n_layer=2))
+    if method == "lora":
+        lora.apply(model, lora.LoRASettings(r=4, dropout=0.0, query=True, value=True))
+    elif method == "adapter":
+        adapter.apply(model, adapter.AdapterSettings(prompt_length=3, start_layer=0))
+    for name, p in model.named_parameters():  # PEFT layers start as a no-op; make them count
+        if "lora_B" in name or "adapter_gate" in name:
+            torch.nn.init.normal_(p, std=0.5)
+    x, y = _template_batch(template_length=10)
+    results = []
+    for shared in (0, shared_prefix_length(x, y)):
+        model.zero_grad()
+        loss = model(x, targets=y, shared_prefix=shared)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    assert results[1][0] != 0 and len(results[1][1]) == len(results[0][1])
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-6, atol=0)
+    for got, want in zip(results[1][1], results[0][1]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_batches_carry_their_shared_prefix_unless_turned_off():
+    template = list(range(40, 52))  # 12 tokens every sample starts with
+    sequences = [torch.tensor(template + [i % 7 + 1] * (3 + i % 5)) for i in range(8)]
+    dataset = InstructionDataset.from_sequences(sequences, [len(template) + 1] * 8)
+    for flags, expected in (({}, 12), ({"shared_prefix": False}, 0), ({"compile": True}, 0)):
+        train = TrainArgs(micro_batch_size=4, global_batch_size=4, **flags)
+        batch = BatchStream(dataset, train, rank=0, world_size=1).next_step()[0]
+        assert batch.shared_prefix == expected
+        assert ("shared_prefix" in batch.model_inputs("cpu")) == (expected > 0)
 
 
 def _dataset(n: int) -> InstructionDataset:
