@@ -39,6 +39,7 @@ def main(
     top_p: float = 1.0,
     precision: Optional[str] = None,
     quantize: Optional[str] = None,
+    compile: bool = False,
     seed: int = 1234,
 ) -> None:
     """Answer an instruction with a finetuned model.
@@ -55,6 +56,8 @@ def main(
         precision: Lightning precision such as bf16-true or 32-true; by default the best the device runs.
         quantize: hold the linear weights in 4 or 8 bits with bitsandbytes to save memory: bnb.nf4, bnb.nf4-dq,
             bnb.fp4, bnb.fp4-dq or bnb.int8 (CUDA or CPU, not MPS; with a '-true' precision).
+        compile: `torch.compile` the one-token decoding step: slow first call (30-95 s for SmolLM2-135M on 2 CPU
+            cores); meant for GPUs: on CPU it measured no faster than eager.
         seed: random seed, so that sampling is reproducible.
     """
     check_sampling_args(temperature, top_k, top_p)
@@ -72,7 +75,8 @@ def main(
     tokenizer = Tokenizer(checkpoint_dir or hparams["checkpoint_dir"])
     encoded = tokenizer.encode(alpaca_prompt(prompt, input)).to(fabric.device)
     tokens = generate(
-        model, encoded, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, stop_ids=tokenizer.stop_ids
+        model, encoded, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+        stop_ids=tokenizer.stop_ids, compile=compile,
     )
     _, n_tokens, seconds = stream_text(tokenizer, tokens)
     sys.stdout.write("\n")

@@ -116,6 +116,15 @@ def test_cached_greedy_generation_equals_uncached_forward_passes(model):
     assert len(cached) == 20 and len(set(cached)) > 3  # not a degenerate repeat, so the check means something
 
 
+@pytest.mark.slow  # compiling takes ~30 s on 2 cores
+def test_compiled_decoding_gives_the_eager_tokens(model):
+    prompt = torch.tensor([3, 17, 42, 5, 9])
+    eager = list(generate(model, prompt, max_new_tokens=12))
+    compiled = list(generate(model, prompt, max_new_tokens=12, compile=True))
+    assert compiled == eager and len(set(eager)) > 3
+    assert list(generate(model, prompt, max_new_tokens=12, compile=True)) == eager  # the compiled step is reused
+
+
 def test_cached_sampling_equals_uncached_with_the_same_seed(model):
     prompt = torch.tensor([1, 2, 3])
     settings = dict(temperature=0.9, top_k=20, top_p=0.95)
