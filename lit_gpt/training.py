@@ -177,12 +177,12 @@ class BatchStream:
             return self._next_packed_step()
         micro = self.train.micro_batch_size
         indices = self._take(self.train.global_batch_size)
+        share_prefix = self.train.shared_prefix and not self.train.compile  # a compiled graph takes no layout
         batches = []
         for start in range(0, len(indices), micro * self.world):
             samples = [self.dataset[i] for i in indices[start + self.rank * micro : start + (self.rank + 1) * micro]]
             input_ids, targets = collate(samples, pad_id=self.pad_id)
-            share = self.train.shared_prefix and not self.train.compile  # the compiled graph takes no layout
-            prefix = shared_prefix_length(input_ids, targets) if share else 0
+            prefix = shared_prefix_length(input_ids, targets) if share_prefix else 0
             tokens = sum(len(s[0]) - 1 for s in samples)
             batches.append(MicroBatch.of(input_ids, targets, tokens=tokens, shared_prefix=prefix))
         return batches
