@@ -69,11 +69,12 @@ def save_safetensors(
     """Write `state_dict` to `path` atomically: a killed process leaves the old file or the new one, never half.
 
     Tensors that share memory (tied embeddings) must be deduplicated by the caller; this makes each
-    tensor contiguous and detached.
+    tensor contiguous and detached, and copies out views into a larger buffer (weights packed for inference,
+    see `lit_gpt.model.pack_linears`), which safetensors would refuse as shared memory.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous() for k, v in state_dict.items()}
+    tensors = {k: _own_memory(v.detach().contiguous()) for k, v in state_dict.items()}
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
@@ -83,6 +84,11 @@ def save_safetensors(
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _own_memory(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor`, or a copy of it when it is a view of part of a larger storage."""
+    return tensor if tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size() else tensor.clone()
 
 
 def load_weights_file(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:

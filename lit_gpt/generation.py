@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from lit_gpt.checkpoint import CheckpointError, WEIGHTS_FILE, check_valid_checkpoint_dir, load_into_model, load_weights_file
 from lit_gpt.config import Config
-from lit_gpt.model import GPT
+from lit_gpt.model import GPT, pack_weights
 
 
 def sample(
@@ -273,6 +273,7 @@ def load_model(
     if still_meta:
         raise CheckpointError(f"{str(weights_path)!r} did not provide {still_meta[:3]}: convert the checkpoint again.")
     model.max_seq_length = config.block_size  # rebuild the RoPE tables on the weights' device
+    pack_weights(model)  # q/k/v and fc_1/fc_2 in one product each: faster decoding, same outputs
     return model.eval(), config
 
 

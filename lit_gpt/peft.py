@@ -39,7 +39,7 @@ from lit_gpt.checkpoint import (
     tied_parameters,
 )
 from lit_gpt.config import Config
-from lit_gpt.model import GPT
+from lit_gpt.model import GPT, pack_weights
 
 
 def declared_parameter_names(model: nn.Module) -> set[str]:
@@ -188,4 +188,5 @@ def load_finetuned(
     if missing:
         raise CheckpointError(f"{peft_path} lacks {len(missing)} {method} tensors (e.g. {sorted(missing)[:3]}).")
     model.max_seq_length = config.block_size  # rebuild the RoPE tables, which to_empty() left uninitialised
+    pack_weights(model)  # layers the method left plain compute as one product each (see lit_gpt.model.linears)
     return model.eval(), hparams

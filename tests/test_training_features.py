@@ -56,6 +56,32 @@ def test_loss_gradients_equal_autograd_through_full_cross_entropy(head_kind):
         torch.testing.assert_close(supervised_cross_entropy(head, hidden, targets, chunk_size=5), reference)
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_adapter_v2_head_runs_in_the_fused_loss_with_the_same_loss_and_gradients(bias):
+    from lit_gpt.adapter_v2 import AdapterV2Linear
+    from lit_gpt.model import fused_head_terms
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(16, 50, bias=bias)
+    head = AdapterV2Linear(linear)
+    with torch.no_grad():  # away from the identity at init, so that scale and bias matter
+        head.adapter_scale.uniform_(0.5, 1.5)
+        head.adapter_bias.normal_()
+    linear.weight.requires_grad_(False)  # frozen, as Adapter v2 trains it
+    assert fused_head_terms(head) is not None  # the fused path is taken, not plain autograd
+    hidden = torch.randn(3, 9, 16, requires_grad=True)
+    targets = torch.randint(0, 50, (3, 9))
+    targets[0, :4] = IGNORE_INDEX
+    trained = [hidden, head.adapter_scale, head.adapter_bias] + ([linear.bias] if bias else [])
+    logits = head.adapter_scale * (hidden @ linear.weight.T + (linear.bias if bias else 0) + head.adapter_bias)
+    reference = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+    expected = torch.autograd.grad(reference, trained)
+    loss = supervised_cross_entropy(head, hidden, targets, chunk_size=4)
+    torch.testing.assert_close(loss, reference)
+    for got, want in zip(torch.autograd.grad(loss, trained), expected):
+        torch.testing.assert_close(got, want)
+
+
 def test_packed_rows_give_each_sample_its_unpacked_loss():
     torch.manual_seed(0)
     model = GPT(tiny_llama_config(vocab_size=64, block_size=64)).eval()
