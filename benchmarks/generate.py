@@ -41,10 +41,10 @@ def _finetune_harness():
     return module
 
 
-def _time_ours(model, prompt_ids: torch.Tensor, max_new_tokens: int, batch_size: int):
+def _time_ours(model, prompt_ids: torch.Tensor, max_new_tokens: int, batch_size: int, compile: bool = False):
     if batch_size == 1:
         start = time.perf_counter()
-        tokens = generate(model, prompt_ids, max_new_tokens, temperature=0.0)
+        tokens = generate(model, prompt_ids, max_new_tokens, temperature=0.0, compile=compile)
         first = next(tokens)
         ttft = time.perf_counter() - start
         rest = list(tokens)
@@ -59,9 +59,15 @@ def _time_ours(model, prompt_ids: torch.Tensor, max_new_tokens: int, batch_size:
 
 
 @torch.inference_mode()
-def _time_hf(model, prompt_ids: torch.Tensor, max_new_tokens: int, batch_size: int):
+def _time_hf(model, prompt_ids: torch.Tensor, max_new_tokens: int, batch_size: int, compile: bool = False):
     ids = prompt_ids[None].expand(batch_size, -1)
     common = dict(do_sample=False, use_cache=True, attention_mask=torch.ones_like(ids), pad_token_id=0)
+    if compile:  # transformers' own compiled generation: a static cache and its CompileConfig, allowed on CPU
+        from transformers import CompileConfig
+
+        compile_config = CompileConfig()
+        compile_config._compile_all_devices = True  # by default transformers compiles only on accelerators
+        common.update(cache_implementation="static", compile_config=compile_config)
     start = time.perf_counter()
     model.generate(ids, max_new_tokens=1, min_new_tokens=1, **common)
     ttft = time.perf_counter() - start
@@ -100,6 +106,7 @@ def main(
     repeats: int = 3,
     threads: int = 0,
     litgpt: bool = True,
+    compile: bool = False,
     out_file: Path = Path("benchmarks/results/generate.json"),
 ) -> dict:
     """Benchmark greedy generation of ours against transformers and litgpt on CPU in fp32.
@@ -111,6 +118,8 @@ def main(
         repeats: timed runs per implementation and batch size (after one warm-up each), alternating.
         threads: torch threads (0: torch's default, one per core).
         litgpt: also time litgpt 0.5.13 (needs its peer environment; created on first use).
+        compile: also time compiled decoding at batch 1: ours with `generate(compile=True)` against transformers
+            with a static cache and its compiled forward. The compile time is reported apart (first call).
         out_file: where to write the JSON results.
     """
     import transformers
@@ -132,6 +141,18 @@ def main(
         for _ in range(repeats):
             runs[b]["ours"].append(_time_ours(ours, prompt_ids, max_new_tokens, b))
             runs[b]["transformers"].append(_time_hf(hf, prompt_ids, max_new_tokens, b))
+    compile_s = {}
+    if compile:  # batch 1 only: our batched generation has no compiled path
+        runs[1].update({"ours compiled": [], "transformers compiled": []})
+        start = time.perf_counter()
+        _time_ours(ours, prompt_ids, max_new_tokens, 1, compile=True)  # compiles (cache length as timed below)
+        compile_s["ours compiled"] = time.perf_counter() - start
+        start = time.perf_counter()
+        _time_hf(hf, prompt_ids, max_new_tokens, 1, compile=True)
+        compile_s["transformers compiled"] = time.perf_counter() - start
+        for _ in range(repeats):
+            runs[1]["ours compiled"].append(_time_ours(ours, prompt_ids, max_new_tokens, 1, compile=True))
+            runs[1]["transformers compiled"].append(_time_hf(hf, prompt_ids, max_new_tokens, 1, compile=True))
     if litgpt:
         del hf  # free its memory before the litgpt process loads its own copy
         for b, values in _litgpt_runs(Path(checkpoint_dir), prompt_ids, max_new_tokens, batch_size, repeats).items():
@@ -141,6 +162,7 @@ def main(
         "model": config.name, "device": "cpu", "dtype": "float32", "threads": torch.get_num_threads(),
         "prompt_tokens": len(prompt_ids), "new_tokens": max_new_tokens, "repeats": repeats,
         "torch": torch.__version__, "transformers": transformers.__version__,
+        "first_compiled_call_s": compile_s,
     }
     for b in batch_sizes:
         entry = {}
@@ -150,24 +172,30 @@ def main(
                            "tokens_per_s_min": min(rates), "tokens_per_s_max": max(rates)}
         reference = runs[b]["ours"][-1][2]
         entry["same_tokens"] = {name: values[-1][2] == reference for name, values in runs[b].items() if name != "ours"}
-        entry["ratios"] = {
-            peer: {"tokens_per_s": entry["ours"]["tokens_per_s"] / entry[peer]["tokens_per_s"],
-                   "ttft": entry["ours"]["ttft_s"] / entry[peer]["ttft_s"]}
-            for peer in runs[b] if peer != "ours"}
+
+        def ours_of(peer: str) -> str:
+            return "ours compiled" if peer.endswith("compiled") else "ours"
+
+        entry["ratios"] = {  # ours compiled is compared with transformers compiled, everything else with ours
+            peer: {"tokens_per_s": entry[ours_of(peer)]["tokens_per_s"] / entry[peer]["tokens_per_s"],
+                   "ttft": entry[ours_of(peer)]["ttft_s"] / entry[peer]["ttft_s"]}
+            for peer in runs[b] if not peer.startswith("ours")}
         result[f"batch_{b}"] = entry
 
     out_file.parent.mkdir(parents=True, exist_ok=True)
     out_file.write_text(json.dumps(result, indent=2))
     print(f"{config.name}, CPU fp32, {torch.get_num_threads()} threads, {len(prompt_ids)} prompt tokens, "
           f"{max_new_tokens} new tokens per row, median of {repeats}")
-    print(f"{'batch':>5}  {'tool':14}{'tokens/s':>10}{'TTFT (s)':>10}{'ours/tool tok/s':>17}{'same tokens':>13}")
+    print(f"{'batch':>5}  {'tool':22}{'tokens/s':>10}{'TTFT (s)':>10}{'ours/tool tok/s':>17}{'same tokens':>13}")
     for b in batch_sizes:
         entry = result[f"batch_{b}"]
         for name in runs[b]:
-            ratio = f"{entry['ratios'][name]['tokens_per_s']:.2f}x" if name != "ours" else ""
+            ratio = f"{entry['ratios'][name]['tokens_per_s']:.2f}x" if name in entry["ratios"] else ""
             same = str(entry["same_tokens"][name]) if name != "ours" else ""
-            print(f"{b:>5}  {name:14}{entry[name]['tokens_per_s']:>10.1f}{entry[name]['ttft_s']:>10.3f}"
+            print(f"{b:>5}  {name:22}{entry[name]['tokens_per_s']:>10.1f}{entry[name]['ttft_s']:>10.3f}"
                   f"{ratio:>17}{same:>13}")
+    if compile_s:
+        print("first compiled call (compiling + 128 tokens): " + ", ".join(f"{k} {v:.1f} s" for k, v in compile_s.items()))
     print(f"wrote {out_file}")
     return result
 

@@ -214,8 +214,9 @@ class CausalSelfAttention(nn.Module):
     def attend(self, q, k, v, mask) -> torch.Tensor:
         """Scaled dot-product attention. Returns (B, H, T, D).
 
-        `mask`: None means causal over T; a boolean tensor, True where a query may attend to a key; or a
-        `SharedPrefix` layout, which splits the attention by rows.
+        `mask`: None means causal over T; a boolean tensor, True where a query may attend to a key; a float
+        tensor added to the scores (0 or -inf, as `KVCache.causal_mask` makes); or a `SharedPrefix` layout,
+        which splits the attention by rows.
         """
         if isinstance(mask, SharedPrefix):
             return mask.attend(q, k, v, self.scaled_dot_product)
@@ -289,7 +290,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     blocks = weight.view(threads, out_features // threads, weight.size(1))  # (threads, out / threads, in)
     rows_per_block = x.reshape(1, rows, x.size(-1)).expand(threads, rows, x.size(-1))
     y = torch.bmm(rows_per_block, blocks.transpose(1, 2))  # (threads, rows, out / threads)
-    y = y.transpose(0, 1).reshape(*x.shape[:-1], out_features)
+    # One row (batch-1 decoding): the blocks already lie in output order; else bring the rows to the front.
+    y = y.view(*x.shape[:-1], out_features) if rows == 1 else y.transpose(0, 1).reshape(*x.shape[:-1], out_features)
     return y if bias is None else y + bias
 
 
@@ -315,7 +317,7 @@ def linears(x: torch.Tensor, *layers: nn.Module) -> tuple[torch.Tensor, ...]:
     return linear(x, weight, bias).split([layer.out_features for layer in layers], dim=-1)
 
 
-# first layer of a packed group -> (weights' data pointers, the buffers they are views of: weight, bias or None)
+# first layer of a packed group -> ((weight, bias) data pointers per layer, the buffers they view: weight, bias or None)
 _PACKED: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
 
@@ -343,22 +345,25 @@ def pack_linears(*layers: nn.Module) -> None:
             view = buffers[name][start : start + p.size(0)]
             setattr(layer, name, nn.Parameter(view, requires_grad=p.requires_grad))
             start += p.size(0)
-    _PACKED[layers[0]] = (tuple(layer.weight.data_ptr() for layer in layers), buffers["weight"], buffers.get("bias"))
+    pointers = tuple((layer.weight.data_ptr(), layer.bias is not None and layer.bias.data_ptr()) for layer in layers)
+    _PACKED[layers[0]] = (pointers, buffers["weight"], buffers.get("bias"))
 
 
 def packed_weight(layers) -> Optional[tuple[torch.Tensor, Optional[torch.Tensor]]]:
-    """The (weight, bias) buffers `pack_linears` made for `layers`, if they still hold the layers' weights."""
+    """The (weight, bias) buffers `pack_linears` made for `layers`, if they still hold the layers' parameters."""
     entry = _PACKED.get(layers[0])
     if entry is None:
         return None
     pointers, weight, bias = entry
-    for layer, pointer in zip(layers, pointers):
-        if type(layer) is not Linear or layer.weight.data_ptr() != pointer:
-            return None  # wrapped by a PEFT method, or the weight was replaced, moved or cast since packing
-        if layer.weight.requires_grad and torch.is_grad_enabled():
+    grad_enabled = torch.is_grad_enabled()
+    for layer, (weight_pointer, bias_pointer) in zip(layers, pointers):
+        if type(layer) is not Linear:
+            return None  # wrapped by a PEFT method since packing: it must run its own forward
+        w, b = layer.weight, layer.bias
+        if w.data_ptr() != weight_pointer or (b is not None and b.data_ptr()) != bias_pointer:
+            return None  # replaced, moved or cast since packing
+        if grad_enabled and w.requires_grad:
             return None  # the product over the shared buffer would not route gradients to this parameter
-    if (bias is None) != (layers[0].bias is None) or (bias is not None and layers[0].bias.data_ptr() != bias.data_ptr()):
-        return None
     return weight, bias
 
 
@@ -448,7 +453,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """
     n = cos.size(-1)
     if n == x.size(-1):
-        return (x * cos + torch.roll(x, n // 2, dims=-1) * sin).to(x.dtype)
+        roped = x * cos + torch.roll(x, n // 2, dims=-1) * sin
+        return roped if roped.dtype == x.dtype else roped.to(x.dtype)  # float32 tables: back to a 16-bit x's dtype
     rot, passthrough = x[..., :n], x[..., n:]
     roped = (rot * cos + torch.roll(rot, n // 2, dims=-1) * sin).to(x.dtype)
     return torch.cat((roped, passthrough), dim=-1)
@@ -512,24 +518,29 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        """Write k, v (B, G, T, D) at positions input_pos (T,); return the whole cache."""
-        self.k[: k.size(0)].index_copy_(2, input_pos, k.to(self.k.dtype))
-        self.v[: v.size(0)].index_copy_(2, input_pos, v.to(self.v.dtype))
-        return self.k[: k.size(0)], self.v[: v.size(0)]
+        """Write k, v (B, G, T, D) at positions input_pos (T,); return the cache of those B rows."""
+        cache_k, cache_v = self.k, self.v
+        if k.size(0) != cache_k.size(0):  # fewer rows than the cache was made for
+            cache_k, cache_v = cache_k[: k.size(0)], cache_v[: v.size(0)]
+        cache_k.index_copy_(2, input_pos, k if k.dtype == cache_k.dtype else k.to(cache_k.dtype))
+        cache_v.index_copy_(2, input_pos, v if v.dtype == cache_v.dtype else v.to(cache_v.dtype))
+        return cache_k, cache_v
 
     def causal_mask(self, input_pos: torch.Tensor, pad_lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Boolean (T, S) with S = max_seq_length: the query in slot input_pos[t] sees slots <= input_pos[t].
+        """Additive mask (T, S) with S = max_seq_length, in the cache's dtype: 0 where the query in slot
+        input_pos[t] may attend (slots <= input_pos[t]), -inf elsewhere. Made once per step for every layer
+        (a boolean mask would be converted to this inside each layer's attention).
 
         With `pad_lengths` (B,) the mask is (B, 1, T, S) and also hides row b's padding slots < pad_lengths[b]
         (a padding query still sees itself, so its softmax stays finite; its output is never used).
         """
         slots = torch.arange(self.k.size(2), device=input_pos.device)
-        mask = slots[None, :] <= input_pos[:, None]  # (T, S)
-        if pad_lengths is None:
-            return mask
-        real = slots[None, :] >= pad_lengths[:, None]  # (B, S)
-        own = slots[None, :] == input_pos[:, None]  # (T, S)
-        return (mask[None] & (real[:, None, :] | own[None]))[:, None]  # (B, 1, T, S)
+        sees = slots[None, :] <= input_pos[:, None]  # (T, S)
+        if pad_lengths is not None:
+            real = slots[None, :] >= pad_lengths[:, None]  # (B, S)
+            own = slots[None, :] == input_pos[:, None]  # (T, S)
+            sees = (sees[None] & (real[:, None, :] | own[None]))[:, None]  # (B, 1, T, S)
+        return torch.zeros(sees.shape, dtype=self.k.dtype, device=sees.device).masked_fill_(~sees, float("-inf"))
 
 
 # --- loss ------------------------------------------------------------------------------------------------
