@@ -306,7 +306,7 @@ def linears(x: torch.Tensor, *layers: nn.Module) -> tuple[torch.Tensor, ...]:
 
     When `pack_linears` has stored their weights back to back in one buffer (the generation loaders do),
     the layers are computed as one product over that buffer and split: at decoding's few rows one large
-    product streams the weights faster than three small ones (SmolLM2-135M: +7% tokens/s at batch 1).
+    product streams the weights faster than three small ones (SmolLM2-135M: +3-7% tokens/s at batch 1).
     In every other case -- PEFT-wrapped or quantized layers, weights that need gradients, a compiled graph,
     or weights that were replaced, moved or cast after packing -- each layer runs on its own.
     """
