@@ -252,7 +252,9 @@ def load_model(
     built on the meta device, so no memory is spent on random initialisation; the weights are read straight
     onto `device` and cast to `dtype` (None keeps the dtype of the file). Every parameter must come from the
     file (see `load_into_model`). `quantize` ("bnb.nf4", ... see `lit_gpt.quantize`) holds the linear weights in
-    4 or 8 bits, read and quantized one tensor at a time.
+    4 or 8 bits, read and quantized one tensor at a time. Otherwise each block's q/k/v weights, and its
+    fc_1/fc_2 weights, are packed into one buffer per group (`lit_gpt.model.pack_weights`): faster decoding,
+    same parameters, state dict and outputs.
     """
     if quantize is not None:
         from lit_gpt.quantize import load_base_model

@@ -131,7 +131,8 @@ def load_finetuned(
             and quantized one tensor at a time; the method's own weights stay in `dtype`.
 
     Returns (model in eval mode, hyperparameters). Fails clearly when the weights were trained on another
-    base checkpoint (fingerprint mismatch) or do not fit the model.
+    base checkpoint (fingerprint mismatch) or do not fit the model. Linear layers the method left plain are
+    packed for faster decoding, as by `lit_gpt.generation.load_model` (see `lit_gpt.model.pack_weights`).
     """
     from lit_gpt.training import base_fingerprint
 
