@@ -59,9 +59,7 @@ class AdapterV2Linear(nn.Module):
         return ["adapter_scale", "adapter_bias"]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Computed as s ⊙ (W x) + s ⊙ (bias + b): one elementwise pass over the (..., out) activations (addcmul)
-        # instead of two. The same function; with s = 1, b = 0 still bit-identical to the base layer.
-        return torch.addcmul(self.adapter_scale * self.shift(), quantize.linear(x, self.weight), self.adapter_scale)
+        return self.adapter_scale * (quantize.linear(x, self.weight, self.bias) + self.adapter_bias)
 
     def shift(self) -> torch.Tensor:
         """bias + b, (out_features,)."""
