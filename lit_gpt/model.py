@@ -615,9 +615,8 @@ class LinearCrossEntropy(torch.autograd.Function):
             logits = torch.mm(weight, h_chunk.t()).float()
             if bias is not None:
                 logits += bias.float()[:, None]
-            unscaled = logits.clone() if want_s else None  # d loss / d s = sum over rows of grad_logits * this
-            if scale is not None:
-                logits *= scale_col
+            if scale is not None:  # keep the unscaled logits only for d loss / d s = sum over rows of grad * them
+                unscaled, logits = (logits, logits * scale_col) if want_s else (None, logits.mul_(scale_col))
             target_logit = logits[y_chunk, rows]  # (n,)
             col_max = logits.amax(dim=0)  # (n,)
             probs = logits.sub_(col_max).exp_()  # unnormalised, in place
@@ -626,7 +625,7 @@ class LinearCrossEntropy(torch.autograd.Function):
             if want_h or want_w or want_b or want_s:
                 probs.div_(col_sum).index_put_((y_chunk, rows), probs.new_tensor(-1.0), accumulate=True)
                 if want_s:
-                    grad_s += (probs * unscaled).sum(dim=1)
+                    grad_s += unscaled.mul_(probs).sum(dim=1)
                 if scale is not None:
                     probs *= scale_col  # now the gradient with respect to h W^T + b
                 grad_logits = probs.to(weight.dtype)  # (softmax - onehot) ⊙ s, (V, n)
