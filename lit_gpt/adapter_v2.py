@@ -61,16 +61,13 @@ class AdapterV2Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.adapter_scale * (quantize.linear(x, self.weight, self.bias) + self.adapter_bias)
 
-    def shift(self) -> torch.Tensor:
-        """bias + b, (out_features,)."""
-        return self.adapter_bias if self.bias is None else self.bias + self.adapter_bias
-
     def affine_terms(self) -> Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """(weight, bias + b, s): as the LM head, this layer runs inside the model's fused loss
         (`lit_gpt.model.fused_head_terms`). None for a quantized weight, which the fused loss cannot multiply."""
         if quantize.is_quantized(self.weight):
             return None
-        return self.weight, self.shift(), self.adapter_scale
+        shift = self.adapter_bias if self.bias is None else self.bias + self.adapter_bias
+        return self.weight, shift, self.adapter_scale
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
