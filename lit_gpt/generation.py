@@ -103,9 +103,10 @@ def generate(
         stop_ids: generation ends at the first of these ids (EOS, end-of-turn); the stop id itself is
             NOT yielded.
         compile: run the one-token decoding step through `torch.compile` (the prefill stays eager). The first
-            call compiles (~20-45 s for SmolLM2-135M on 2 CPU cores), and so does a call with a new cache
-            length (prompt length + max_new_tokens). It removes the per-operation overhead of eager PyTorch
-            (about a third of a batch-1 token on our 2-core CPU): 36.9 against 27.8 tokens/s there.
+            call compiles (~20-45 s for SmolLM2-135M on 2 CPU cores); later calls reuse it until prompt length
+            + max_new_tokens outgrows the cache, which is rounded up to a multiple of COMPILED_CACHE_MULTIPLE
+            (256) positions. It removes the per-operation overhead of eager PyTorch (about a third of a
+            batch-1 token on our 2-core CPU): 36.9 against 27.8 tokens/s there.
 
     The KV cache is sized prompt length + max_new_tokens (at most block_size) and filled by one prefill pass;
     then each step feeds back only the newest token at `input_pos`. Model compute runs under
@@ -132,6 +133,9 @@ def generate(
 
 
 _COMPILED_STEPS: "weakref.WeakKeyDictionary[nn.Module, nn.Module]" = weakref.WeakKeyDictionary()
+# A compiled step is specialised to its KV-cache length; rounding that up to a multiple of this lets prompts of
+# other lengths (every turn of a chat) reuse it instead of compiling again, for a few masked cache slots.
+COMPILED_CACHE_MULTIPLE = 256
 
 
 def compiled_decode_step(model: nn.Module) -> nn.Module:
@@ -148,7 +152,10 @@ def _decode(model, decode_step, prompt, max_new_tokens, temperature, top_k, top_
     T = prompt.size(0)
     config = model.config
     old_max_seq_length = model.max_seq_length
-    cache_len = min(T + max_new_tokens, config.block_size)
+    cache_len = T + max_new_tokens
+    if decode_step is not model:  # compiled for one cache size: round it up, so that later prompts reuse it
+        cache_len = -(-cache_len // COMPILED_CACHE_MULTIPLE) * COMPILED_CACHE_MULTIPLE
+    cache_len = min(cache_len, config.block_size)
     try:
         with torch.inference_mode():
             model.set_kv_cache(batch_size=1, max_seq_length=cache_len, device=prompt.device)

@@ -122,7 +122,11 @@ def test_compiled_decoding_gives_the_eager_tokens(model):
     eager = list(generate(model, prompt, max_new_tokens=12))
     compiled = list(generate(model, prompt, max_new_tokens=12, compile=True))
     assert compiled == eager and len(set(eager)) > 3
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     assert list(generate(model, prompt, max_new_tokens=12, compile=True)) == eager  # the compiled step is reused
+    longer = torch.tensor([3, 17, 42, 5, 9, 11, 2, 30])  # another prompt length: same rounded-up cache, no recompile
+    assert list(generate(model, longer, max_new_tokens=12, compile=True)) == list(generate(model, longer, 12))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
 
 
 def test_cached_sampling_equals_uncached_with_the_same_seed(model):
