@@ -282,14 +282,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     same result: SmolLM2-135M decoded 24-27 instead of ~20 tokens/s at batch 1. Inside `torch.compile` the
     split is traced too (the compiler's own products stream on one core: ~24 instead of ~38 tokens/s).
     """
-    threads = cpu_threads()
-    rows, out_features = x.numel() // x.size(-1), weight.size(0)
-    if (x.device.type != "cpu" or threads == 1 or rows > 64 or out_features < 512 or out_features % threads
+    threads, C = cpu_threads(), x.size(-1)
+    rows, out_features = x.numel() // C, weight.size(0)
+    if (not x.is_cpu or threads == 1 or rows > 64 or out_features < 512 or out_features % threads
             or not weight.is_contiguous()):
         return F.linear(x, weight, bias)
-    blocks = weight.view(threads, out_features // threads, weight.size(1))  # (threads, out / threads, in)
-    rows_per_block = x.reshape(1, rows, x.size(-1)).expand(threads, rows, x.size(-1))
-    y = torch.bmm(rows_per_block, blocks.transpose(1, 2))  # (threads, rows, out / threads)
+    blocks = weight.view(threads, -1, C).transpose(1, 2)  # (threads, in, out / threads)
+    y = torch.bmm(x.reshape(1, rows, C).expand(threads, rows, C), blocks)  # (threads, rows, out / threads)
     # One row (batch-1 decoding): the blocks already lie in output order; else bring the rows to the front.
     y = y.view(*x.shape[:-1], out_features) if rows == 1 else y.transpose(0, 1).reshape(*x.shape[:-1], out_features)
     return y if bias is None else y + bias
