@@ -57,7 +57,7 @@ def main(
         quantize: hold the linear weights in 4 or 8 bits with bitsandbytes to save memory: bnb.nf4, bnb.nf4-dq,
             bnb.fp4, bnb.fp4-dq or bnb.int8 (CUDA or CPU, not MPS; with a '-true' precision).
         compile: `torch.compile` the one-token decoding step: the first call compiles (~20-45 s for SmolLM2-135M
-            on 2 CPU cores), then decoding runs ~1.3x faster (36.9 against 27.8 tokens/s on our CPU). Pays off
+            on 2 CPU cores), then decoding runs ~1.3-1.5x faster (37-42 against ~28 tokens/s on our CPU). Pays off
             for long answers and chats, not for one short answer.
         seed: random seed, so that sampling is reproducible.
     """

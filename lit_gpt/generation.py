@@ -106,7 +106,7 @@ def generate(
             call compiles (~20-45 s for SmolLM2-135M on 2 CPU cores); later calls reuse it until prompt length
             + max_new_tokens outgrows the cache, which is rounded up to a multiple of COMPILED_CACHE_MULTIPLE
             (256) positions. It removes the per-operation overhead of eager PyTorch (about a third of a
-            batch-1 token on our 2-core CPU): 36.9 against 27.8 tokens/s there.
+            batch-1 token on our 2-core CPU): 37-42 against ~28 tokens/s there.
 
     The KV cache is sized prompt length + max_new_tokens (at most block_size) and filled by one prefill pass;
     then each step feeds back only the newest token at `input_pos`. Model compute runs under
