@@ -108,9 +108,9 @@ def generate(
             (256) positions. It removes the per-operation overhead of eager PyTorch (about a third of a
             batch-1 token on our 2-core CPU): 37-42 against ~28 tokens/s there.
 
-    The KV cache is sized prompt length + max_new_tokens (at most block_size) and filled by one prefill pass;
-    then each step feeds back only the newest token at `input_pos`. Model compute runs under
-    `torch.inference_mode()`, but not the caller's code between yields. When the generator finishes or is
+    The KV cache is sized prompt length + max_new_tokens (rounded up when compiled; at most block_size) and
+    filled by one prefill pass; then each step feeds back only the newest token at `input_pos`. Model compute
+    runs under `torch.inference_mode()`, but not the caller's code between yields. When the generator finishes or is
     closed (e.g. the caller breaks out of the loop), the KV cache is dropped and `model.max_seq_length`
     restored, so a model in the middle of training can generate a sample and go back to training.
     """
