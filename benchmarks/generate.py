@@ -58,6 +58,11 @@ def _time_ours(model, prompt_ids: torch.Tensor, max_new_tokens: int, batch_size:
     return ttft, time.perf_counter() - start, rows
 
 
+def _ours_for(peer: str) -> str:
+    """Which of our rows a peer's row is compared with: compiled with compiled, eager with eager."""
+    return "ours compiled" if peer.endswith("compiled") else "ours"
+
+
 @torch.inference_mode()
 def _time_hf(model, prompt_ids: torch.Tensor, max_new_tokens: int, batch_size: int, compile: bool = False):
     ids = prompt_ids[None].expand(batch_size, -1)
@@ -172,13 +177,9 @@ def main(
                            "tokens_per_s_min": min(rates), "tokens_per_s_max": max(rates)}
         reference = runs[b]["ours"][-1][2]
         entry["same_tokens"] = {name: values[-1][2] == reference for name, values in runs[b].items() if name != "ours"}
-
-        def ours_of(peer: str) -> str:
-            return "ours compiled" if peer.endswith("compiled") else "ours"
-
-        entry["ratios"] = {  # ours compiled is compared with transformers compiled, everything else with ours
-            peer: {"tokens_per_s": entry[ours_of(peer)]["tokens_per_s"] / entry[peer]["tokens_per_s"],
-                   "ttft": entry[ours_of(peer)]["ttft_s"] / entry[peer]["ttft_s"]}
+        entry["ratios"] = {  # a compiled peer is compared with ours compiled, every other peer with ours
+            peer: {"tokens_per_s": entry[_ours_for(peer)]["tokens_per_s"] / entry[peer]["tokens_per_s"],
+                   "ttft": entry[_ours_for(peer)]["ttft_s"] / entry[peer]["ttft_s"]}
             for peer in runs[b] if not peer.startswith("ours")}
         result[f"batch_{b}"] = entry
 
@@ -195,7 +196,8 @@ def main(
             print(f"{b:>5}  {name:22}{entry[name]['tokens_per_s']:>10.1f}{entry[name]['ttft_s']:>10.3f}"
                   f"{ratio:>17}{same:>13}")
     if compile_s:
-        print("first compiled call (compiling + 128 tokens): " + ", ".join(f"{k} {v:.1f} s" for k, v in compile_s.items()))
+        print(f"first compiled call (compiling + {max_new_tokens} tokens): "
+              + ", ".join(f"{k} {v:.1f} s" for k, v in compile_s.items()))
     print(f"wrote {out_file}")
     return result
 
