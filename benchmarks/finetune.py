@@ -53,12 +53,14 @@ import csv
 import json
 import os
 import platform
+import re
 import shutil
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -78,6 +80,10 @@ TOOLS = ("ours", "litgpt", "hf")
 METHODS = ("lora", "adapter", "adapter_v2")
 FAR = 100_000  # an interval no run reaches: no evaluation or checkpoint inside the measured steps
 METRICS = ("steps_per_s", "supervised_tokens_per_s", "tokens_per_s", "peak_rss_gb", "mfu")
+GPU_METRICS = ("peak_gpu_gb",)  # on CUDA: torch.cuda.max_memory_allocated over the whole run, as each tool prints it
+# How each tool prints its peak CUDA memory at the end of a run (ours: lit_gpt.training.finish; litgpt: its
+# finetuning performance report).
+PEAK_GPU_PATTERNS = {"ours": r"Peak GPU memory: ([\d.]+) GB", "litgpt": r"Memory Used\s*:\s*([\d.]+) GB"}
 PARITY_RTOL = 1e-4
 
 
@@ -133,7 +139,9 @@ def cached(directory: Path, key: dict, build) -> Path:
 def prepare_data(args, work: Path) -> Path:
     key = {"data_file": str(args.data_file.resolve()), "size": args.data_file.stat().st_size,
            "tokenizer": file_fingerprint(args.checkpoint_dir / "tokenizer.json")
-           if (args.checkpoint_dir / "tokenizer.json").is_file() else "", "max_seq_length": args.max_seq_length,
+           if (args.checkpoint_dir / "tokenizer.json").is_file() else "",
+           "model": Config.from_checkpoint(args.checkpoint_dir).name,  # picks the prompt style
+           "max_seq_length": args.max_seq_length,
            "val_split_fraction": args.val_split_fraction}
 
     def build(directory: Path) -> None:
@@ -158,7 +166,7 @@ def hf_checkpoint(args, work: Path) -> Path:
     return cached(work / "hf", key, build)
 
 
-def litgpt_checkpoint(args, work: Path, hf_dir: Path, litgpt_bin: Path) -> Path:
+def litgpt_checkpoint(args, work: Path, hf_dir: Path, litgpt_python: str) -> Path:
     name = args.litgpt_model_name or Config.from_checkpoint(args.checkpoint_dir).name
     key = {"base": file_fingerprint(args.checkpoint_dir / WEIGHTS_FILE), "model_name": name}
 
@@ -167,11 +175,33 @@ def litgpt_checkpoint(args, work: Path, hf_dir: Path, litgpt_bin: Path) -> Path:
         for f in hf_dir.iterdir():
             if f.is_file() and not f.name.startswith("."):
                 os.symlink(f.resolve(), directory / f.name)
-        subprocess.run([str(litgpt_bin / "litgpt"), "convert_to_litgpt", str(directory), "--model_name", name],
+        subprocess.run([litgpt_python, "-m", "litgpt", "convert_to_litgpt", str(directory), "--model_name", name],
                        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         (directory / "model.safetensors").unlink()  # litgpt trains from lit_model.pth; the HF copy is in hf/
 
     return cached(work / "litgpt_checkpoint", key, build)
+
+
+def random_checkpoint(args, work: Path, fmt: str, python: str) -> Path:
+    """A checkpoint of config `--random_init` with random weights in `fmt` ("ours" or "litgpt"), made once.
+
+    The vocabulary is --checkpoint_dir's, whose tokenizer files it copies (the data is tokenized with them).
+    """
+    vocab = Config.from_checkpoint(args.checkpoint_dir).padded_vocab_size
+    overrides = [f"vocab_size={vocab}", f"padded_vocab_size={vocab}", *args.random_override]
+    dtype = "bfloat16" if args.precision.startswith("bf16") else "float16" if args.precision.startswith("16") else "float32"
+    key = {"name": args.random_init, "overrides": overrides, "dtype": dtype,
+           "tokenizer": file_fingerprint(args.checkpoint_dir / "tokenizer.json")}
+
+    def build(directory: Path) -> None:
+        log(f"writing {args.random_init} with random weights ({fmt} format, {dtype}) to {directory}")
+        cmd = [python, "benchmarks/random_checkpoint.py", "--format", fmt, "--name", args.random_init, "--out_dir",
+               str(directory), "--tokenizer_dir", str(args.checkpoint_dir), "--dtype", dtype]
+        for o in overrides:
+            cmd += ["--override", o]
+        subprocess.run(cmd, cwd=ROOT, check=True)
+
+    return cached(work / f"random-{args.random_init}-{fmt}", key, build)
 
 
 def split_flags(text: str) -> list[str]:
@@ -204,6 +234,12 @@ def run_measured(cmd: list[str], log_file: Path) -> tuple[float, float]:
     return wall, usage.ru_maxrss * 1024 / 1e9  # ru_maxrss is in KiB on Linux
 
 
+def peak_gpu_gb(tool: str, log_file: Path) -> Optional[float]:
+    """The peak CUDA memory (GB) that `tool` printed in `log_file`, or None (a CPU run prints none)."""
+    found = re.findall(PEAK_GPU_PATTERNS[tool], log_file.read_text(errors="replace"))
+    return float(found[-1]) if found else None
+
+
 def method_flags(method: str) -> list[str]:
     """The method's own settings, spelled the same way by ours and litgpt."""
     if method == "lora":
@@ -216,12 +252,13 @@ def method_flags(method: str) -> list[str]:
 def run_ours(args, ctx, out_dir: Path) -> dict:
     total = args.warmup + args.steps
     cmd = [sys.executable, f"finetune/{args.method}.py", "--checkpoint_dir", str(args.checkpoint_dir),
-           "--data_dir", str(ctx["data_dir"]), "--out_dir", str(out_dir), "--precision", "32-true",
+           "--data_dir", str(ctx["data_dir"]), "--out_dir", str(out_dir), "--precision", args.precision,
            "--train.micro_batch_size", str(args.micro_batch_size), "--train.global_batch_size",
            str(args.micro_batch_size), "--train.max_steps", str(total), "--train.learning_rate", str(args.lr),
            "--train.log_interval", "1", "--train.save_interval", str(FAR), "--eval.interval", str(FAR),
            "--eval.max_iters", "1", "--eval.max_new_tokens", "1", *method_flags(args.method), *args.extra_ours]
     wall, rss = run_measured(cmd, out_dir.with_suffix(".log"))
+    gpu = peak_gpu_gb("ours", out_dir.with_suffix(".log"))
     rows: dict[int, dict[str, float]] = {}
     with open(out_dir / "metrics.csv") as f:
         for row in csv.DictReader(f):
@@ -231,14 +268,14 @@ def run_ours(args, ctx, out_dir: Path) -> dict:
         r = rows[step]
         steps.append({"step": step, "time_s": r["step_time_s"], "tokens": round(r["tokens_per_s"] * r["step_time_s"]),
                       "supervised": round(r["supervised_tokens_per_s"] * r["step_time_s"]), "loss": r["train_loss"]})
-    return {"steps": steps, "wall_s": wall, "peak_rss_gb": rss, "command": join_command(cmd)}
+    return {"steps": steps, "wall_s": wall, "peak_rss_gb": rss, "peak_gpu_gb": gpu, "command": join_command(cmd)}
 
 
 def run_litgpt(args, ctx, out_dir: Path) -> dict:
     total = args.warmup + args.steps
     optimizer = json.dumps({"class_path": "torch.optim.AdamW", "init_args": {"lr": args.lr, "weight_decay": 0.01}})
-    cmd = [str(ctx["litgpt_bin"] / "litgpt"), f"finetune_{args.method}", str(ctx["litgpt_checkpoint"]),
-           "--out_dir", str(out_dir), "--precision", "32-true", "--data", "JSON", "--data.json_path",
+    cmd = [ctx["litgpt_python"], "benchmarks/litgpt_run.py", f"finetune_{args.method}", str(ctx["litgpt_checkpoint"]),
+           "--out_dir", str(out_dir), "--precision", args.precision, "--data", "JSON", "--data.json_path",
            str(args.data_file), "--data.val_split_fraction", str(args.val_split_fraction), "--data.mask_prompt", "true",
            "--train.micro_batch_size", str(args.micro_batch_size), "--train.global_batch_size",
            str(args.micro_batch_size), "--train.max_steps", str(total), "--train.max_seq_length",
@@ -247,6 +284,7 @@ def run_litgpt(args, ctx, out_dir: Path) -> dict:
            "false", "--eval.max_new_tokens", "1", "--optimizer", optimizer, "--logger_name", "csv",
            *method_flags(args.method), *args.extra_litgpt]
     wall, rss = run_measured(cmd, out_dir.with_suffix(".log"))
+    gpu = peak_gpu_gb("litgpt", out_dir.with_suffix(".log"))
     logs = sorted((out_dir / "logs" / "csv").glob("version_*/metrics.csv"))
     if not logs:
         raise RuntimeError(f"litgpt wrote no CSV log under {out_dir / 'logs' / 'csv'}")
@@ -258,8 +296,6 @@ def run_litgpt(args, ctx, out_dir: Path) -> dict:
             # in "step" (the metrics' own "step" is the optimizer step: the same here, without accumulation).
             if "step" in values:
                 by_iter.setdefault(int(values["step"]), {}).update(values)
-    for merged in out_dir.rglob("lit_model.pth"):  # the merged full model litgpt writes at the end: 0.5 GB a run
-        merged.unlink()
     counts = ctx["litgpt_counts"]
     steps, previous = [], 0.0
     for it in range(1, total + 1):  # no gradient accumulation: one iteration per step
@@ -276,7 +312,8 @@ def run_litgpt(args, ctx, out_dir: Path) -> dict:
     for s, c in zip(steps, counts):
         expected += c["tokens"] + args.micro_batch_size
         match &= s["logged_tokens"] is None or abs(s["logged_tokens"] - expected) <= args.micro_batch_size
-    return {"steps": steps, "wall_s": wall, "peak_rss_gb": rss, "command": join_command(cmd), "batches_match_log": match}
+    return {"steps": steps, "wall_s": wall, "peak_rss_gb": rss, "peak_gpu_gb": gpu, "command": join_command(cmd),
+            "batches_match_log": match}
 
 
 def run_hf(args, ctx, out_dir: Path) -> dict:
@@ -284,7 +321,7 @@ def run_hf(args, ctx, out_dir: Path) -> dict:
         raise ValueError("the transformers + peft peer runs LoRA only")
     total = args.warmup + args.steps
     out_dir.mkdir(parents=True, exist_ok=True)
-    cmd = [str(ctx["hf_bin"] / "python"), "benchmarks/hf_peft_lora.py", "--hf_dir", str(ctx["hf_dir"]),
+    cmd = [ctx["hf_python"], "benchmarks/hf_peft_lora.py", "--hf_dir", str(ctx["hf_dir"]),
            "--data_dir", str(ctx["data_dir"]), "--out_file", str(out_dir / "steps.json"), "--steps", str(total),
            "--micro_batch_size", str(args.micro_batch_size), "--global_batch_size", str(args.micro_batch_size),
            "--learning_rate", str(args.lr), *args.extra_hf]
@@ -318,17 +355,32 @@ def loss_parity(args, ctx, work: Path) -> dict:
 
 
 # --- FLOPs and the matmul ceiling -------------------------------------------------------------------------
-def matmul_ceiling(size: int = 2048, repeats: int = 10) -> dict:
-    """This CPU's fp32 matmul speed (GFLOP/s): best and median of `repeats` timed size x size `torch.mm`s."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
+def matmul_ceiling(precision: str = "32-true", repeats: int = 10) -> dict:
+    """This machine's matmul speed (GFLOP/s): best and median of `repeats` timed square `torch.mm`s.
+
+    On a CUDA GPU: 8192^3 in the training precision's dtype (bf16 for "bf16-*"); on the CPU: 2048^3 in fp32.
+    """
+    cuda = torch.cuda.is_available()
+    size = 8192 if cuda else 2048
+    dtype = torch.bfloat16 if cuda and precision.startswith("bf16") else torch.float16 if cuda and precision.startswith(
+        "16") else torch.float32
+    device = "cuda" if cuda else "cpu"
+    a, b = torch.randn(size, size, dtype=dtype, device=device), torch.randn(size, size, dtype=dtype, device=device)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     for _ in range(3):
         torch.mm(a, b)
     rates = []
     for _ in range(repeats):
+        sync()
         start = time.perf_counter()
         torch.mm(a, b)
+        sync()
         rates.append(2 * size**3 / (time.perf_counter() - start) / 1e9)
-    return {"size": size, "threads": torch.get_num_threads(), "best_gflops": max(rates),
+    del a, b
+    if cuda:
+        torch.cuda.empty_cache()  # the tools run in their own processes: leave them the memory
+    return {"size": size, "dtype": str(dtype).removeprefix("torch."), "device": torch.cuda.get_device_name() if cuda
+            else platform.processor() or "cpu", "threads": torch.get_num_threads(), "best_gflops": max(rates),
             "median_gflops": statistics.median(rates)}
 
 
@@ -368,6 +420,7 @@ def summarise_run(run: dict, warmup: int, sizes: dict, batch: int, ceiling: floa
         "supervised_tokens_per_s": sum(s["supervised"] for s in measured) / seconds,
         "tokens_per_s": sum(s["tokens"] for s in measured) / seconds,
         "peak_rss_gb": run["peak_rss_gb"],
+        "peak_gpu_gb": run.get("peak_gpu_gb"),
         "mfu": flops / seconds / (ceiling * 1e9),
         "gflops_per_s": flops / seconds / 1e9,
         "measured_steps": len(measured),
@@ -386,7 +439,9 @@ def report(result: dict) -> None:
     tools, summary = result["tools"], result["summary"]
     print(f"\nFinetuning ({result['settings']['method']}), {result['settings']['steps']} measured steps after "
           f"{result['settings']['warmup']} warm-up, {result['settings']['repeats']} round(s); median (min-max)")
-    header = ["tool", "steps/s", "supervised tok/s", "tokens/s", "peak RSS GB", "useful MFU %"]
+    gpu = any("peak_gpu_gb" in s for s in summary.values())
+    header = ["tool", "steps/s", "supervised tok/s", "tokens/s", "peak RSS GB", *(["peak GPU GB"] if gpu else []),
+              "useful MFU %"]
     rows = []
     for tool in tools:
         if tool not in summary:
@@ -394,16 +449,17 @@ def report(result: dict) -> None:
         s = summary[tool]
         mfu = {k: 100 * v if k != "n" else v for k, v in s["mfu"].items()}
         rows.append([tool, fmt(s["steps_per_s"]), fmt(s["supervised_tokens_per_s"]), fmt(s["tokens_per_s"]),
-                     fmt(s["peak_rss_gb"]), fmt(mfu, 2)])
+                     fmt(s["peak_rss_gb"]), *([fmt(s["peak_gpu_gb"])] if gpu else []), fmt(mfu, 2)])
     for peer, ratio in result["ratios"].items():
         rows.append([f"ours/{peer}", fmt(ratio["steps_per_s"]), fmt(ratio["supervised_tokens_per_s"]),
-                     fmt(ratio["tokens_per_s"]), fmt(ratio["peak_rss_gb"]), ""])
+                     fmt(ratio["tokens_per_s"]), fmt(ratio["peak_rss_gb"]),
+                     *([fmt(ratio["peak_gpu_gb"])] if gpu else []), ""])
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     for r in [header, *rows]:
         print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)))
     c = result["machine"]["matmul"]
-    print(f"fp32 matmul ceiling: {c['best_gflops']:.1f} GFLOP/s best, {c['median_gflops']:.1f} median "
-          f"({c['size']}^3 torch.mm, {c['threads']} threads); MFU uses the best.")
+    print(f"{c['dtype']} matmul ceiling on {c['device']}: {c['best_gflops']:.1f} GFLOP/s best, "
+          f"{c['median_gflops']:.1f} median ({c['size']}^3 torch.mm, {c['threads']} threads); MFU uses the best.")
     losses = result["loss_by_step"]
     steps = sorted({int(k) for tool in losses.values() for k in tool})
     if steps:
@@ -443,6 +499,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max_seq_length", type=int, default=512)
     p.add_argument("--val_split_fraction", type=float, default=0.05)
     p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--precision", default="32-true", help="for ours and litgpt, e.g. bf16-true on a GPU")
+    p.add_argument("--random_init", default=None, metavar="NAME",
+                   help="train a model of config NAME (e.g. Llama-2-7b-hf) with random weights instead of "
+                        "--checkpoint_dir's, which gives only the tokenizer (see benchmarks/random_checkpoint.py)")
+    p.add_argument("--random_override", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override for --random_init, for both tools (repeatable), e.g. n_layer=2")
+    p.add_argument("--peer_python", default=None,
+                   help="run the peers with this interpreter, installing nothing (it must import litgpt / peft)")
     # Extra flags per tool, appended last (so they override): --extra_ours "--precision bf16-true".
     # A single flag without a space needs '=': --extra_ours="--train.group_by_length=false".
     p.add_argument("--extra_ours", default="", help="extra flags for finetune/<method>.py")
@@ -466,6 +530,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     if not args.data_file.is_file():
         p.error(f"--data_file {args.data_file} does not exist (math_data.json lives in ../shared/data)")
     args.checkpoint_dir = args.checkpoint_dir.resolve()
+    if args.random_init and args.parity_steps and "hf" in args.tools:
+        log("note: no loss parity with --random_init (the tools' random weights differ)")
+        args.parity_steps = 0
     args.data_file = args.data_file.resolve()
     return args
 
@@ -474,17 +541,24 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     work = args.work_dir.resolve()
     work.mkdir(parents=True, exist_ok=True)
-    ctx: dict = {"data_dir": prepare_data(args, work)}
-    if "hf" in args.tools or "litgpt" in args.tools:
+    ctx: dict = {}
+    for peer in ("hf", "litgpt"):
+        if peer in args.tools:
+            ctx[f"{peer}_python"] = args.peer_python or str(ensure_venv(args.venv_dir / peer, PEER_PACKAGES[peer]) / "python")
+    if args.random_init:
+        # Ours from here on is the random-weight checkpoint: its config also gives the FLOPs and the prompt style.
+        args.checkpoint_dir = random_checkpoint(args, work, "ours", sys.executable)
+        if "litgpt" in args.tools:
+            ctx["litgpt_checkpoint"] = random_checkpoint(args, work, "litgpt", ctx["litgpt_python"])
+    ctx["data_dir"] = prepare_data(args, work)
+    if "hf" in args.tools or ("litgpt" in args.tools and not args.random_init):
         ctx["hf_dir"] = hf_checkpoint(args, work)
-    if "hf" in args.tools:
-        ctx["hf_bin"] = ensure_venv(args.venv_dir / "hf", PEER_PACKAGES["hf"])
     if "litgpt" in args.tools:
-        ctx["litgpt_bin"] = ensure_venv(args.venv_dir / "litgpt", PEER_PACKAGES["litgpt"])
-        ctx["litgpt_checkpoint"] = litgpt_checkpoint(args, work, ctx["hf_dir"], ctx["litgpt_bin"])
+        if not args.random_init:
+            ctx["litgpt_checkpoint"] = litgpt_checkpoint(args, work, ctx["hf_dir"], ctx["litgpt_python"])
         counts_file = work / "litgpt_batches.json"
         subprocess.run(
-            [str(ctx["litgpt_bin"] / "python"), "benchmarks/litgpt_batches.py", "--checkpoint_dir",
+            [ctx["litgpt_python"], "benchmarks/litgpt_batches.py", "--checkpoint_dir",
              str(ctx["litgpt_checkpoint"]), "--json_path", str(args.data_file), "--val_split_fraction",
              str(args.val_split_fraction), "--micro_batch_size", str(args.micro_batch_size), "--max_seq_length",
              str(args.max_seq_length), "--batches", str(args.warmup + args.steps), "--out_file", str(counts_file)],
@@ -492,7 +566,7 @@ def main(argv=None) -> dict:
         )
         ctx["litgpt_counts"] = json.loads(counts_file.read_text())
 
-    ceilings = [matmul_ceiling()]
+    ceilings = [matmul_ceiling(args.precision)]
     sizes = model_sizes(args.checkpoint_dir, args.method)
     runs: list[dict] = []
     errors: dict[str, list[str]] = {}
@@ -516,25 +590,27 @@ def main(argv=None) -> dict:
             runs.append(run)
             step_s = statistics.median(s["time_s"] for s in run["steps"] if s["step"] > args.warmup)
             log(f"  {tool}: median step {step_s:.2f} s, wall {run['wall_s']:.0f} s, peak RSS {run['peak_rss_gb']:.2f} GB")
-        ceilings.append(matmul_ceiling())
+        ceilings.append(matmul_ceiling(args.precision))
     parity = None
     if args.parity_steps > 0 and "hf" in args.tools and "ours" in args.tools:
         try:
             parity = loss_parity(args, ctx, work)
         except Exception as e:
             errors.setdefault("parity", []).append(str(e))
-    ceiling = {"size": ceilings[0]["size"], "threads": ceilings[0]["threads"],
+    ceiling = {**{k: ceilings[0][k] for k in ("size", "dtype", "device", "threads")},
                "best_gflops": max(c["best_gflops"] for c in ceilings),
                "median_gflops": statistics.median(c["median_gflops"] for c in ceilings)}
 
     for run in runs:
         run["summary"] = summarise_run(run, args.warmup, sizes, args.micro_batch_size, ceiling["best_gflops"])
     summary, loss_by_step = {}, {}
+    on_gpu = bool(runs) and all(r.get("peak_gpu_gb") is not None for r in runs)
+    metrics = (*METRICS, *GPU_METRICS) if on_gpu else METRICS
     for tool in args.tools:
         mine = [r for r in runs if r["tool"] == tool]
         if not mine:
             continue
-        summary[tool] = {m: spread([r["summary"][m] for r in mine]) for m in (*METRICS, "gflops_per_s")}
+        summary[tool] = {m: spread([r["summary"][m] for r in mine]) for m in (*metrics, "gflops_per_s")}
         steps = sorted({s["step"] for r in mine for s in r["steps"]})
         loss_by_step[tool] = {str(k): statistics.median(s["loss"] for r in mine for s in r["steps"] if s["step"] == k)
                               for k in steps}
@@ -545,7 +621,7 @@ def main(argv=None) -> dict:
         pairs = [(o, p) for o in runs for p in runs if o["tool"] == "ours" and p["tool"] == peer
                  and o["round"] == p["round"]]
         if pairs:
-            ratios[peer] = {m: spread([o["summary"][m] / p["summary"][m] for o, p in pairs]) for m in METRICS}
+            ratios[peer] = {m: spread([o["summary"][m] / p["summary"][m] for o, p in pairs]) for m in metrics}
 
     result = {
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
