@@ -177,7 +177,10 @@ class BatchStream:
             return self._next_packed_step()
         micro = self.train.micro_batch_size
         indices = self._take(self.train.global_batch_size)
-        share_prefix = self.train.shared_prefix and not self.train.compile  # a compiled graph takes no layout
+        share_prefix = self.train.shared_prefix
+        if share_prefix is None:  # by default only on the CPU: slower on a GPU (see TrainArgs.shared_prefix)
+            share_prefix = accelerator() == "cpu"
+        share_prefix = share_prefix and not self.train.compile  # a compiled graph takes no layout
         batches = []
         for start in range(0, len(indices), micro * self.world):
             samples = [self.dataset[i] for i in indices[start + self.rank * micro : start + (self.rank + 1) * micro]]

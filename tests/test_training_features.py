@@ -162,11 +162,24 @@ def test_batches_carry_their_shared_prefix_unless_turned_off():
     template = list(range(40, 52))  # 12 tokens every sample starts with
     sequences = [torch.tensor(template + [i % 7 + 1] * (3 + i % 5)) for i in range(8)]
     dataset = InstructionDataset.from_sequences(sequences, [len(template) + 1] * 8)
-    for flags, expected in (({}, 12), ({"shared_prefix": False}, 0), ({"compile": True}, 0)):
+    for flags, expected in (({}, 12), ({"shared_prefix": True}, 12), ({"shared_prefix": False}, 0),
+                            ({"shared_prefix": True, "compile": True}, 0)):
         train = TrainArgs(micro_batch_size=4, global_batch_size=4, **flags)
         batch = BatchStream(dataset, train, rank=0, world_size=1).next_step()[0]
         assert batch.shared_prefix == expected
         assert ("shared_prefix" in batch.model_inputs("cpu")) == (expected > 0)
+
+
+def test_shared_prefix_is_off_by_default_on_a_gpu(monkeypatch):
+    import lit_gpt.training
+
+    template = list(range(40, 52))
+    sequences = [torch.tensor(template + [i % 7 + 1] * (3 + i % 5)) for i in range(8)]
+    dataset = InstructionDataset.from_sequences(sequences, [len(template) + 1] * 8)
+    monkeypatch.setattr(lit_gpt.training, "accelerator", lambda: "cuda")
+    for flags, expected in (({}, 0), ({"shared_prefix": True}, 12)):
+        train = TrainArgs(micro_batch_size=4, global_batch_size=4, **flags)
+        assert BatchStream(dataset, train, rank=0, world_size=1).next_step()[0].shared_prefix == expected
 
 
 def _dataset(n: int) -> InstructionDataset:
