@@ -224,3 +224,39 @@ def test_a_restored_position_continues_with_the_same_batches():
             got = second.next_step()
             for a, b in zip(want, got):
                 assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.targets, b.targets)
+
+
+TRAINING_LOAD_SCRIPT = r"""
+import json, sys
+from pathlib import Path
+import lightning as L
+from lit_gpt.quantize import build_base_for_training
+def status(key):  # VmRSS / VmHWM of this process, bytes
+    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(key + ":"))
+fabric = L.Fabric(accelerator="cpu", devices=1, precision="32-true")
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # reset the peak (VmHWM) to the current RSS, so import-time peaks do not count
+before = status("VmRSS")
+model = build_base_for_training(fabric, Path(sys.argv[1]), "32-true", None)
+print(json.dumps({"peak": status("VmHWM") - before, "params": sum(p.numel() * 4 for p in model.parameters())}))
+"""
+
+
+def test_loading_a_training_base_holds_one_copy_of_the_weights(tmp_path):
+    """The finetune scripts read the base tensor by tensor into the model instead of reading the whole state
+    dict and copying it in: loading peaks at about the model's size, not twice it. (On a GPU the full state
+    dict used to sit in host memory: 15 GB for a 7B base.) Measured here: 1.11x the weights, 2.11x before."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import REPO_ROOT, SUBPROCESS_ENV, make_checkpoint_dir
+
+    directory = make_checkpoint_dir(tmp_path / "base", n_layer=4, n_embd=512, n_head=8, n_query_groups=8,
+                                    intermediate_size=2048)
+    result = subprocess.run([sys.executable, "-c", TRAINING_LOAD_SCRIPT, str(directory)], cwd=REPO_ROOT,
+                            capture_output=True, text=True, env=SUBPROCESS_ENV, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    measured = json.loads(result.stdout.strip().splitlines()[-1])
+    assert measured["params"] > 50e6  # big enough that a second copy stands far above allocator noise
+    assert measured["peak"] < 1.4 * measured["params"], measured
