@@ -187,8 +187,9 @@ def random_checkpoint(args, work: Path, fmt: str, python: str) -> Path:
 
     The vocabulary is --checkpoint_dir's, whose tokenizer files it copies (the data is tokenized with them).
     """
-    vocab = Config.from_checkpoint(args.checkpoint_dir).padded_vocab_size
-    overrides = [f"vocab_size={vocab}", f"padded_vocab_size={vocab}", *args.random_override]
+    tokenizer_config = Config.from_checkpoint(args.checkpoint_dir)
+    overrides = [f"vocab_size={tokenizer_config.vocab_size}", f"padded_vocab_size={tokenizer_config.padded_vocab_size}",
+                 *args.random_override]
     dtype = "bfloat16" if args.precision.startswith("bf16") else "float16" if args.precision.startswith("16") else "float32"
     key = {"name": args.random_init, "overrides": overrides, "dtype": dtype,
            "tokenizer": file_fingerprint(args.checkpoint_dir / "tokenizer.json")}

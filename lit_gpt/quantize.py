@@ -180,9 +180,9 @@ def load_base_model(checkpoint_dir: Path | str, quantize: Optional[str], device,
 
     Built on the meta device; each tensor of lit_model.safetensors is read alone, cast to `dtype` (None: as
     stored), moved to `device` and, for a linear weight that is not tied to the embedding, quantized there
-    (`quantize` None: kept as it is), so the peak is the model plus one float tensor. The keys are verified as in `load_into_model` (none may
-    be missing). Every parameter is frozen except embeddings and norms (`mark_trainable` decides after
-    a PEFT method is applied).
+    (`quantize` None: kept as it is), so the peak is the model plus one float tensor. The keys are verified
+    as in `load_into_model` (none may be missing). Quantized weights are frozen; every other floating-point
+    parameter requires grad (`mark_trainable` decides after a PEFT method is applied).
     """
     from lit_gpt.checkpoint import WEIGHTS_FILE, check_state_dict_keys, check_valid_checkpoint_dir
     from lit_gpt.config import Config
@@ -271,19 +271,19 @@ _malloc_trim = None
 def build_base_for_training(fabric, checkpoint_dir: Path, precision: str, quantize: Optional[str]):
     """The base GPT the finetune scripts start from, on `fabric`'s device, before a PEFT method is applied.
 
-    On one device or with DDP, `load_base_model` reads the checkpoint tensor by tensor straight onto the device
-    (quantizing with `quantize`; one copy per DDP rank), so the host never holds the whole state dict: loading
-    a 7B base for GPU training peaked at 15 GB of host memory when it did. Under FSDP the model is built on the
-    meta device by `fabric.init_module` and the state dict is assigned before Fabric shards it.
+    On one device or with DDP, and whenever `quantize` is given, `load_base_model` reads the checkpoint tensor
+    by tensor straight onto the device (one copy per DDP rank), so the host never holds the whole state dict:
+    loading a 7B base for GPU training peaked at 15 GB of host memory when it did. Unquantized under FSDP, the
+    model is built on the meta device by `fabric.init_module` and the state dict assigned before Fabric shards it.
     """
+    from lightning.fabric.strategies import FSDPStrategy
+
     from lit_gpt.checkpoint import WEIGHTS_FILE, load_into_model, load_weights_file
     from lit_gpt.config import Config
     from lit_gpt.model import GPT
     from lit_gpt.utils import precision_to_dtype
 
-    from lightning.fabric.strategies import FSDPStrategy
-
-    if not isinstance(fabric.strategy, FSDPStrategy):
+    if quantize is not None or not isinstance(fabric.strategy, FSDPStrategy):
         model, _ = load_base_model(checkpoint_dir, quantize, fabric.device, precision_to_dtype(precision))
         return model.train()
     with fabric.init_module(empty_init=True):  # base weights are loaded below
