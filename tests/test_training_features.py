@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import tiny_llama_config
+from conftest import REPO_ROOT, SUBPROCESS_ENV, make_checkpoint_dir, tiny_llama_config
 from lit_gpt.args import TrainArgs
 from lit_gpt.data import MIN_SHARED_PREFIX, InstructionDataset, collate, collate_packed, shared_prefix_length
 from lit_gpt.model import GPT, IGNORE_INDEX, supervised_cross_entropy
@@ -158,10 +162,18 @@ def test_shared_prefix_gives_the_same_loss_and_gradients(method):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
-def test_batches_carry_their_shared_prefix_unless_turned_off():
-    template = list(range(40, 52))  # 12 tokens every sample starts with
+def _templated_dataset() -> InstructionDataset:
+    """8 samples that all begin with the same 12-token template, which carries no loss."""
+    template = list(range(40, 52))
     sequences = [torch.tensor(template + [i % 7 + 1] * (3 + i % 5)) for i in range(8)]
-    dataset = InstructionDataset.from_sequences(sequences, [len(template) + 1] * 8)
+    return InstructionDataset.from_sequences(sequences, [len(template) + 1] * 8)
+
+
+def test_batches_carry_their_shared_prefix_unless_turned_off(monkeypatch):
+    import lit_gpt.training
+
+    monkeypatch.setattr(lit_gpt.training, "accelerator", lambda: "cpu")  # the default depends on the device
+    dataset = _templated_dataset()
     for flags, expected in (({}, 12), ({"shared_prefix": True}, 12), ({"shared_prefix": False}, 0),
                             ({"shared_prefix": True, "compile": True}, 0)):
         train = TrainArgs(micro_batch_size=4, global_batch_size=4, **flags)
@@ -173,9 +185,7 @@ def test_batches_carry_their_shared_prefix_unless_turned_off():
 def test_shared_prefix_is_off_by_default_on_a_gpu(monkeypatch):
     import lit_gpt.training
 
-    template = list(range(40, 52))
-    sequences = [torch.tensor(template + [i % 7 + 1] * (3 + i % 5)) for i in range(8)]
-    dataset = InstructionDataset.from_sequences(sequences, [len(template) + 1] * 8)
+    dataset = _templated_dataset()
     monkeypatch.setattr(lit_gpt.training, "accelerator", lambda: "cuda")
     for flags, expected in (({}, 0), ({"shared_prefix": True}, 12)):
         train = TrainArgs(micro_batch_size=4, global_batch_size=4, **flags)
@@ -246,12 +256,6 @@ def test_loading_a_training_base_holds_one_copy_of_the_weights(tmp_path):
     """The finetune scripts read the base tensor by tensor into the model instead of reading the whole state
     dict and copying it in: loading peaks at about the model's size, not twice it. (On a GPU the full state
     dict used to sit in host memory: 15 GB for a 7B base.) Measured here: 1.11x the weights, 2.11x before."""
-    import json
-    import subprocess
-    import sys
-
-    from conftest import REPO_ROOT, SUBPROCESS_ENV, make_checkpoint_dir
-
     directory = make_checkpoint_dir(tmp_path / "base", n_layer=4, n_embd=512, n_head=8, n_query_groups=8,
                                     intermediate_size=2048)
     result = subprocess.run([sys.executable, "-c", TRAINING_LOAD_SCRIPT, str(directory)], cwd=REPO_ROOT,
