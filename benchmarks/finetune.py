@@ -67,6 +67,7 @@ import torch
 from lit_gpt.checkpoint import WEIGHTS_FILE, file_fingerprint
 from lit_gpt.config import Config
 from lit_gpt.convert import convert_lit_checkpoint
+from lit_gpt.utils import precision_to_dtype
 
 ROOT = Path(__file__).resolve().parents[1]
 LITGPT_VERSION = "0.5.13"
@@ -190,7 +191,7 @@ def random_checkpoint(args, work: Path, fmt: str, python: str) -> Path:
     tokenizer_config = Config.from_checkpoint(args.checkpoint_dir)
     overrides = [f"vocab_size={tokenizer_config.vocab_size}", f"padded_vocab_size={tokenizer_config.padded_vocab_size}",
                  *args.random_override]
-    dtype = "bfloat16" if args.precision.startswith("bf16") else "float16" if args.precision.startswith("16") else "float32"
+    dtype = str(precision_to_dtype(args.precision)).removeprefix("torch.")  # the weights' dtype under --precision
     key = {"name": args.random_init, "overrides": overrides, "dtype": dtype,
            "tokenizer": file_fingerprint(args.checkpoint_dir / "tokenizer.json")}
 

@@ -143,6 +143,10 @@ class BatchStream:
         self.row_length = int(max(dataset.lengths)) - 1 if train.packing else 0
         self._order: Optional[list[int]] = None
         self._order_epoch = -1
+        share = train.shared_prefix
+        if share is None:  # by default only on the CPU: slower on a GPU (see TrainArgs.shared_prefix)
+            share = accelerator() == "cpu"
+        self.share_prefix = share and not train.compile  # a compiled graph takes no layout
 
     def _order_for(self, epoch: int) -> list[int]:
         if self._order_epoch != epoch:
@@ -177,15 +181,11 @@ class BatchStream:
             return self._next_packed_step()
         micro = self.train.micro_batch_size
         indices = self._take(self.train.global_batch_size)
-        share_prefix = self.train.shared_prefix
-        if share_prefix is None:  # by default only on the CPU: slower on a GPU (see TrainArgs.shared_prefix)
-            share_prefix = accelerator() == "cpu"
-        share_prefix = share_prefix and not self.train.compile  # a compiled graph takes no layout
         batches = []
         for start in range(0, len(indices), micro * self.world):
             samples = [self.dataset[i] for i in indices[start + self.rank * micro : start + (self.rank + 1) * micro]]
             input_ids, targets = collate(samples, pad_id=self.pad_id)
-            prefix = shared_prefix_length(input_ids, targets) if share_prefix else 0
+            prefix = shared_prefix_length(input_ids, targets) if self.share_prefix else 0
             tokens = sum(len(s[0]) - 1 for s in samples)
             batches.append(MicroBatch.of(input_ids, targets, tokens=tokens, shared_prefix=prefix))
         return batches
