@@ -95,7 +95,13 @@ class SharedDropout(nn.Dropout):
             out = self._last_output()
             if out is not None:
                 return out
-        out = super().forward(x)
+        if x.is_cpu:
+            # A uniform draw and a comparison: on the CPU, bernoulli_ (what F.dropout draws) took 2.3 ms for a
+            # (4, 160, 576) mask and uniform_ 1.3; forward and backward 3.1 instead of 4.6 ms.
+            keep = torch.empty_like(x).uniform_().ge_(self.p).mul_(1.0 / (1.0 - self.p))  # 0 or 1 / (1 - p)
+            out = x * keep
+        else:
+            out = super().forward(x)
         self._last_input, self._last_output = weakref.ref(x), weakref.ref(out)
         return out
 
@@ -140,8 +146,9 @@ class LoRALinear(nn.Module):
         out = quantize.linear(x, self.weight, self.bias)  # F.linear, or bitsandbytes' matmul for a quantized weight
         if self.merged:
             return out
-        lora = F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B)  # (..., out_features)
-        return out + self.scaling * lora
+        # The scaling multiplies the r-wide intermediate, not the (..., out_features) output: r columns instead.
+        low_rank = F.linear(self.dropout(x), self.lora_A) * self.scaling  # (..., r)
+        return out + F.linear(low_rank, self.lora_B)  # (..., out_features)
 
     @torch.no_grad()
     def merge_weights(self) -> None:

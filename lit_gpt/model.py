@@ -400,9 +400,45 @@ class RMSNorm(nn.Module):
             weight = 1.0 + self.weight.float()
             return F.rms_norm(x.float(), (x.size(-1),), weight, self.eps).to(x.dtype)
         if x.dtype == torch.float32:
-            return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)  # one fused kernel
+            if x.is_cpu and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+                return RMSNormFunction.apply(x, self.weight, self.eps)  # training on the CPU: faster backward
+            return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
         # Low precision: normalise in float32, round, then scale (the Llama reference's order of rounding).
         return self.weight * F.rms_norm(x.float(), (x.size(-1),), None, self.eps).to(x.dtype)
+
+
+class RMSNormFunction(torch.autograd.Function):
+    """F.rms_norm(x, (C,), weight, eps) with a hand-written backward, for float32 training on the CPU.
+
+    On the CPU, PyTorch differentiates rms_norm through its decomposition (pow, mean, add, rsqrt, two
+    products) and runs the backward of each: about 15 passes over x. The gradient in closed form takes four.
+    On SmolLM2-135M's (4, 160, 576) activations the norm's forward and backward took 0.6-0.8 instead of
+    2.0-2.4 ms; a model has 2 norms per layer plus the final one. (On CUDA, PyTorch has a fused backward.)
+    Shapes: x (..., C), weight (C,) -> (..., C).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.eps = eps
+        return F.rms_norm(x, (x.size(-1),), weight, eps)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        C = x.size(-1)
+        # r = 1 / sqrt(mean(x^2) + eps), (..., 1): recomputed rather than kept (one pass over x).
+        r = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(C).add_(ctx.eps).rsqrt_()
+        grad_weight = None
+        if ctx.needs_input_grad[1]:
+            grad_weight = (grad * x).mul_(r).sum(dim=tuple(range(x.dim() - 1)))
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_n = grad * weight  # gradient with respect to the normalised x·r
+            # d(x·r)/dx applied to grad_n: r·grad_n - x·r^3·mean(grad_n·x)
+            coeff = torch.linalg.vecdot(grad_n, x).unsqueeze(-1).mul_(r.pow(3)).div_(-C)
+            grad_x = grad_n.mul_(r).addcmul_(x, coeff)
+        return grad_x, grad_weight, None
 
 
 def make_norm(config: Config) -> nn.Module:

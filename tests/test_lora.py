@@ -74,6 +74,8 @@ def test_shared_dropout_gives_one_mask_per_input_tensor():
     again = dropout(x)
     assert not torch.equal(again != 0, first != 0)  # the memory holds only the last input
     assert 0.3 < (first == 0).float().mean() < 0.7
+    kept = first != 0
+    torch.testing.assert_close(first[kept], x[kept] * 2.0)  # survivors scaled by 1 / (1 - p), as nn.Dropout
     dropout.eval()
     assert dropout(x) is x
 

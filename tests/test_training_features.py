@@ -86,6 +86,24 @@ def test_adapter_v2_head_runs_in_the_fused_loss_with_the_same_loss_and_gradients
         torch.testing.assert_close(got, want)
 
 
+def test_rms_norm_backward_equals_autograd_through_rms_norm():
+    from lit_gpt.model import RMSNorm, RMSNormFunction
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 16, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(16, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w: RMSNormFunction.apply(x, w, 1e-5), (x, weight))
+    norm = RMSNorm(16, eps=1e-5)  # float32, on the CPU, with gradients: the hand-written backward is taken
+    with torch.no_grad():
+        norm.weight.normal_()
+    x32 = x.detach().float().requires_grad_()
+    expected = torch.autograd.grad(F.rms_norm(x32, (16,), norm.weight, 1e-5).pow(2).sum(), (x32, norm.weight))
+    got = torch.autograd.grad(norm(x32).pow(2).sum(), (x32, norm.weight))
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e)
+    assert norm(x32).grad_fn.name() == "RMSNormFunctionBackward"
+
+
 def test_packed_rows_give_each_sample_its_unpacked_loss():
     torch.manual_seed(0)
     model = GPT(tiny_llama_config(vocab_size=64, block_size=64)).eval()
