@@ -198,6 +198,31 @@ def test_thread_split_linear_equals_f_linear(rows, threads):
     assert torch.equal(grad, torch.autograd.grad(expected.sum(), x)[0])
 
 
+def test_thread_split_linear_follows_its_weight_and_does_not_keep_it_alive():
+    import gc
+    import weakref
+
+    weight = torch.randint(-4, 5, (1536, 96)).float()
+    x = torch.randint(-4, 5, (1, 1, 96)).float()
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        first = linear(x, weight)  # caches the weight's per-thread blocks
+        weight.mul_(2)  # changed in place, as merging LoRA weights does
+        assert torch.equal(linear(x, weight), 2 * first)
+        weight.data = torch.ones_like(weight)  # new storage under the same tensor
+        assert torch.equal(linear(x, weight), torch.nn.functional.linear(x, weight))
+        trainable = torch.nn.Parameter(weight.clone())
+        linear(x, trainable).sum().backward()  # a weight that takes gradients gets them
+        assert torch.equal(trainable.grad, x.reshape(1, 96).expand(1536, 96))
+        gone = weakref.ref(weight)
+        del weight
+        gc.collect()
+        assert gone() is None  # the cache holds no reference to the weight
+    finally:
+        torch.set_num_threads(old)
+
+
 @pytest.mark.slow  # compiles a small graph (~10 s cold on 2 cores)
 def test_thread_split_linear_compiles_into_one_graph():
     # fullgraph=True fails on any graph break: the split (and its thread count) is traced, not skipped.
