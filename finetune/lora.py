@@ -101,7 +101,7 @@ def main(fabric, checkpoint_dir, data_dir, out_dir, resume, settings, train, eva
     training.report_parameters(fabric, model)
 
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=train.learning_rate, weight_decay=train.weight_decay)
+    optimizer = training.adamw(trainable, train)
     raw_model = model
     model, optimizer = fabric.setup(training.prepare_model_for_training(model, train), optimizer)
 

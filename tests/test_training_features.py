@@ -282,3 +282,19 @@ def test_loading_a_training_base_holds_one_copy_of_the_weights(tmp_path):
     measured = json.loads(result.stdout.strip().splitlines()[-1])
     assert measured["params"] > 50e6  # big enough that a second copy stands far above allocator noise
     assert measured["peak"] < 1.4 * measured["params"], measured
+
+
+def test_the_optimizer_is_fused_adamw_with_the_run_settings():
+    from lit_gpt import training
+
+    params = [torch.nn.Parameter(torch.randn(3, 4)), torch.nn.Parameter(torch.randn(4))]
+    optimizer = training.adamw(params, TrainArgs(learning_rate=3e-3, weight_decay=0.1))
+    group = optimizer.param_groups[0]
+    assert (group["lr"], group["weight_decay"], group["fused"]) == (3e-3, 0.1, True)
+    reference = torch.optim.AdamW([p.detach().clone().requires_grad_() for p in params], lr=3e-3, weight_decay=0.1)
+    for p, q in zip(params, reference.param_groups[0]["params"]):
+        p.grad = q.grad = torch.ones_like(p)
+    optimizer.step()
+    reference.step()
+    for p, q in zip(params, reference.param_groups[0]["params"]):
+        torch.testing.assert_close(p, q)  # the same update as the per-tensor loop
