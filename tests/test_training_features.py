@@ -298,3 +298,15 @@ def test_the_optimizer_is_fused_adamw_with_the_run_settings():
     reference.step()
     for p, q in zip(params, reference.param_groups[0]["params"]):
         torch.testing.assert_close(p, q)  # the same update as the per-tensor loop
+
+
+def test_the_optimizer_is_not_fused_under_fsdp():
+    from types import SimpleNamespace
+
+    from lightning.fabric.strategies import FSDPStrategy
+
+    from lit_gpt import training
+
+    fsdp_fabric = SimpleNamespace(strategy=FSDPStrategy.__new__(FSDPStrategy))  # FSDP itself needs GPUs
+    optimizer = training.adamw([torch.nn.Parameter(torch.randn(3))], TrainArgs(), fsdp_fabric)
+    assert not optimizer.param_groups[0]["fused"]
