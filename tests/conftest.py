@@ -5,6 +5,7 @@ Nothing here touches the network.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -22,15 +23,24 @@ SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Run the block with torch on `n` intra-op threads, then restore the previous count."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """Torch on one thread for a test module: small matmuls on two contended threads are much slower than on one.
 
     Use it with `pytestmark = pytest.mark.usefixtures("one_torch_thread")` or as a fixture argument."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 CORPUS = [
     "Below is an instruction that describes a task. Write a response that appropriately completes the request.",

@@ -12,7 +12,7 @@ from lit_gpt.generation import generate, load_model, sample, top_p_filter
 from lit_gpt.model import GPT, Linear, linear, pack_weights, packed_weight
 from lit_gpt.utils import choose_precision, num_parameters, precision_to_dtype
 
-from conftest import tiny_llama_config
+from conftest import tiny_llama_config, torch_threads
 
 
 # --- sample --------------------------------------------------------------------------------------------------
@@ -185,12 +185,8 @@ def test_thread_split_linear_equals_f_linear(rows, threads):
     weight = torch.randint(-4, 5, (1536, 96)).float()  # 1536 rows: divisible by 1, 2 and 3 threads
     bias = torch.randint(-4, 5, (1536,)).float()
     x = torch.randint(-4, 5, (rows, 1, 96)).float().requires_grad_()
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         got = linear(x, weight, bias)
-    finally:
-        torch.set_num_threads(old)
     expected = torch.nn.functional.linear(x, weight, bias)
     assert got.shape == expected.shape == (rows, 1, 1536)
     assert torch.equal(got, expected)
@@ -204,9 +200,7 @@ def test_thread_split_linear_follows_its_weight_and_does_not_keep_it_alive():
 
     weight = torch.randint(-4, 5, (1536, 96)).float()
     x = torch.randint(-4, 5, (1, 1, 96)).float()
-    old = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    with torch_threads(2):
         first = linear(x, weight)  # caches the weight's per-thread blocks
         weight.mul_(2)  # changed in place, as merging LoRA weights does
         assert torch.equal(linear(x, weight), 2 * first)
@@ -219,8 +213,6 @@ def test_thread_split_linear_follows_its_weight_and_does_not_keep_it_alive():
         del weight
         gc.collect()
         assert gone() is None  # the cache holds no reference to the weight
-    finally:
-        torch.set_num_threads(old)
 
 
 @pytest.mark.slow  # compiles a small graph (~10 s cold on 2 cores)
@@ -228,14 +220,12 @@ def test_thread_split_linear_compiles_into_one_graph():
     # fullgraph=True fails on any graph break: the split (and its thread count) is traced, not skipped.
     weight = torch.randint(-4, 5, (1536, 96)).float()
     x = torch.randint(-4, 5, (1, 1, 96)).float()
-    old = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    with torch_threads(2):
         torch._dynamo.reset()
-        got = torch.compile(linear, fullgraph=True, dynamic=False)(x, weight)
-    finally:
-        torch.set_num_threads(old)
-        torch._dynamo.reset()
+        try:
+            got = torch.compile(linear, fullgraph=True, dynamic=False)(x, weight)
+        finally:
+            torch._dynamo.reset()
     assert torch.equal(got, torch.nn.functional.linear(x, weight))
 
 
