@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import lightning as L
+from lightning.fabric.strategies import FSDPStrategy
 import torch
 import torch.nn as nn
 import yaml
@@ -53,8 +54,6 @@ def setup_fabric(devices: int, precision: str, strategy: str) -> L.Fabric:
     `strategy`: "auto" (DDP when devices > 1), "ddp" or "fsdp".
     """
     if strategy == "fsdp":
-        from lightning.fabric.strategies import FSDPStrategy
-
         strategy = FSDPStrategy(state_dict_type="full", limit_all_gathers=True, cpu_offload=False)
     elif strategy == "auto" and devices > 1:
         strategy = "ddp"
@@ -248,8 +247,6 @@ def adamw(params, train: TrainArgs, fabric: Optional[L.Fabric] = None) -> torch.
     Under FSDP (a `fabric` with that strategy) it stays torch's default: fused AdamW and FSDP's sharded
     optimizer state have a history of not getting along, and we have no multi-GPU machine to test it on.
     """
-    from lightning.fabric.strategies import FSDPStrategy
-
     params = list(params)
     sharded = fabric is not None and isinstance(fabric.strategy, FSDPStrategy)
     fused = not sharded and bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point()
