@@ -198,6 +198,8 @@ def test_thread_split_linear_follows_its_weight_and_does_not_keep_it_alive():
     import gc
     import weakref
 
+    import lit_gpt.model as model_module
+
     weight = torch.randint(-4, 5, (1536, 96)).float()
     x = torch.randint(-4, 5, (1, 1, 96)).float()
     with torch_threads(2):
@@ -209,10 +211,12 @@ def test_thread_split_linear_follows_its_weight_and_does_not_keep_it_alive():
         trainable = torch.nn.Parameter(weight.clone())
         linear(x, trainable).sum().backward()  # a weight that takes gradients gets them
         assert torch.equal(trainable.grad, x.reshape(1, 96).expand(1536, 96))
-        gone = weakref.ref(weight)
+        gone, key = weakref.ref(weight), id(weight)
+        assert key in model_module._THREAD_BLOCKS
         del weight
         gc.collect()
         assert gone() is None  # the cache holds no reference to the weight
+        assert key not in model_module._THREAD_BLOCKS  # and forgets it when it goes
 
 
 @pytest.mark.slow  # compiles a small graph (~10 s cold on 2 cores)
