@@ -82,8 +82,7 @@ def main(fabric, checkpoint_dir, data_dir, out_dir, resume, settings, train, eva
     method.mark_trainable(model)
     training.report_parameters(fabric, model)
 
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = training.adamw(trainable, train, fabric)
+    optimizer = training.adamw(model, train, fabric)
     raw_model = model
     model, optimizer = fabric.setup(training.prepare_model_for_training(model, train), optimizer)
 

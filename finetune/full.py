@@ -76,8 +76,7 @@ def main(fabric, checkpoint_dir, data_dir, out_dir, resume, settings, train, eva
     model = build_base_for_training(fabric, checkpoint_dir, hparams["precision"], hparams.get("quantize"))
     training.report_parameters(fabric, model)
 
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = training.adamw(trainable, train, fabric)
+    optimizer = training.adamw(model, train, fabric)
     raw_model = model
     model, optimizer = fabric.setup(training.prepare_model_for_training(model, train), optimizer)
 

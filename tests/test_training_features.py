@@ -287,10 +287,13 @@ def test_loading_a_training_base_holds_one_copy_of_the_weights(tmp_path):
 def test_the_optimizer_is_fused_adamw_with_the_run_settings():
     from lit_gpt import training
 
-    params = [torch.nn.Parameter(torch.randn(3, 4)), torch.nn.Parameter(torch.randn(4))]
-    optimizer = training.adamw(params, TrainArgs(learning_rate=3e-3, weight_decay=0.1))
+    model = torch.nn.Linear(3, 4)
+    model.frozen = torch.nn.Parameter(torch.randn(2), requires_grad=False)
+    params = [model.weight, model.bias]
+    optimizer = training.adamw(model, TrainArgs(learning_rate=3e-3, weight_decay=0.1))
     group = optimizer.param_groups[0]
     assert (group["lr"], group["weight_decay"], group["fused"]) == (3e-3, 0.1, True)
+    assert [id(p) for p in group["params"]] == [id(p) for p in params]  # the trainable ones, not the frozen one
     reference = torch.optim.AdamW([p.detach().clone().requires_grad_() for p in params], lr=3e-3, weight_decay=0.1)
     for p, q in zip(params, reference.param_groups[0]["params"]):
         p.grad = q.grad = torch.ones_like(p)
@@ -308,5 +311,5 @@ def test_the_optimizer_is_not_fused_under_fsdp():
     from lit_gpt import training
 
     fsdp_fabric = SimpleNamespace(strategy=FSDPStrategy.__new__(FSDPStrategy))  # FSDP itself needs GPUs
-    optimizer = training.adamw([torch.nn.Parameter(torch.randn(3))], TrainArgs(), fsdp_fabric)
+    optimizer = training.adamw(torch.nn.Linear(3, 2), TrainArgs(), fsdp_fabric)
     assert not optimizer.param_groups[0]["fused"]
