@@ -18,9 +18,10 @@ The workspace is a temporary directory laid out like the repository (symlinks to
 scripts/ and lit_gpt/, and a `../shared` symlink next to it), so the commands run exactly as written and
 nothing is written into the repository.
 
-`test_tutorial_flags` (fast, not slow) checks every block, tested or not: each `python <script>.py` names
-an existing script and each `--flag` is one that script's CLI accepts (read from its signature, without
-importing the script).
+`test_documented_commands_use_real_scripts_and_flags` (fast, not slow) checks every block, tested or not, of
+the tutorials, the top-level README.md and benchmarks/README.md: each `python <script>.py` names an existing
+script and each `--flag` is one that script's CLI accepts (read from its jsonargparse signature or its
+argparse `add_argument` calls, without importing the script).
 """
 
 from __future__ import annotations
@@ -84,6 +85,12 @@ def tutorial_files() -> list[Path]:
     return sorted(TUTORIALS.glob("*.md"))
 
 
+def documented_files() -> list[Path]:
+    """Every markdown file whose commands a user pastes: the tutorials and the READMEs around them."""
+    return tutorial_files() + [path for path in (REPO / "README.md", REPO / "benchmarks" / "README.md")
+                               if path.is_file()]
+
+
 def requirements(path: Path) -> list[str]:
     return REQUIRES_MARK.findall(path.read_text())
 
@@ -141,21 +148,36 @@ def python_commands(code: str) -> list[tuple[str, list[str]]]:
     return commands
 
 
-def _cli_function(tree: ast.Module) -> str:
-    """The name of the function the script hands to run_cli(...) or CLI(...)."""
+def _cli_function(tree: ast.Module) -> str | None:
+    """The name of the function the script hands to run_cli(...) or CLI(...), if it does."""
     for node in ast.walk(tree):
         if isinstance(node, ast.Call) and getattr(node.func, "id", None) in ("run_cli", "CLI") and node.args:
             if isinstance(node.args[0], ast.Name):
                 return node.args[0].id
-    raise AssertionError("no run_cli(function) / CLI(function) call found")
+    return None
+
+
+def _argparse_flags(tree: ast.Module) -> set[str]:
+    """The option strings of every `<parser>.add_argument("--flag", ...)` call."""
+    flags = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "add_argument":
+            flags.update(arg.value for arg in node.args
+                         if isinstance(arg, ast.Constant) and isinstance(arg.value, str) and arg.value.startswith("-"))
+    return flags
 
 
 def accepted_flags(script: Path) -> set[str]:
-    """Every --flag the script's jsonargparse CLI accepts, from its function signature (no import)."""
+    """Every --flag the script's CLI accepts, without importing it: from the signature of the function it
+    hands to jsonargparse, or else from its argparse `add_argument` calls."""
     import lit_gpt.args as args_module
 
     tree = ast.parse(script.read_text())
     name = _cli_function(tree)
+    if name is None:
+        flags = _argparse_flags(tree)
+        assert flags, f"{script}: no run_cli(function) / CLI(function) call and no add_argument('--flag') found"
+        return flags | {"--help", "-h"}
     function = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == name)
     flags = {"--help", "-h", "--config", "--print_config"}
     params = function.args.args + function.args.kwonlyargs
@@ -180,12 +202,12 @@ def test_tutorials_exist_and_parse():
     assert CONVERT_CMD in (TUTORIALS / "download_and_convert.md").read_text()
 
 
-def test_tutorial_flags():
+def test_documented_commands_use_real_scripts_and_flags():
     problems, flag_cache = [], {}
-    for path in tutorial_files():
+    for path in documented_files():
         for block in parse_blocks(path):
             for script, args in python_commands(block.code):
-                where = f"{block.tutorial}:{block.line}: python {script}"
+                where = f"{path.relative_to(REPO)}:{block.line}: python {script}"
                 script_path = REPO / script
                 if not script_path.is_file():
                     problems.append(f"{where}: no such script")
