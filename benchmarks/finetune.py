@@ -38,8 +38,9 @@ pins it, so pip never installs another). litgpt 0.5.13 pins huggingface-hub<1.4 
 gets the transformers its own `extra` pins (<4.57); peft gets a second one, because transformers 5.x,
 which the hf peer is about, needs huggingface-hub>=1.31.
 
-A round costs about 3 x (1 min of loading + (warmup + steps) x step time); on 2 busy cores, at 40-70 s a
-step, that was ~6 min per tool for 5 steps. Example (CPU, the embedded model):
+A round costs each tool its loading plus (warmup + steps) x its step time: on this 2-core CPU, 40-70 s per
+tool for LoRA with --warmup 2 --steps 6 (3-5 s a step), so `--repeats 2` over three tools takes ~6 min,
+parity steps included. Example (CPU, the embedded model):
     python scripts/convert_gguf_checkpoint.py --checkpoint_dir checkpoints/SmolLM2-135M-Instruct
     python benchmarks/finetune.py --repeats 3 --steps 20
     python benchmarks/finetune.py --method adapter_v2 --tools ours,litgpt --repeats 3
