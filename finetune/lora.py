@@ -122,7 +122,8 @@ def fit(fabric, model, raw_model, optimizer, tokenizer, train_data, val_data, ou
     stream.position = position
     progress = ProgressLog(fabric, out_dir, total_steps, start_step=step)
     if step == 0:
-        val_loss = training.validate(fabric, model, val_data, eval, train.micro_batch_size)
+        with progress.paused():  # time outside the training steps stays out of the reported speed
+            val_loss = training.validate(fabric, model, val_data, eval, train.micro_batch_size, stream.share_prefix)
         progress.log(0, {"val_loss": val_loss})
         progress.write(f"step 0: val loss {val_loss:.4f}")
     running_loss = torch.zeros((), device=fabric.device)
@@ -151,14 +152,17 @@ def fit(fabric, model, raw_model, optimizer, tokenizer, train_data, val_data, ou
             progress.log(step, {"train_loss": train_loss, "lr": optimizer.param_groups[0]["lr"], **progress.throughput()},
                          show=True)
         if step % eval.interval == 0 or step == total_steps:
-            val_loss = training.validate(fabric, model, val_data, eval, train.micro_batch_size)
+            with progress.paused():
+                val_loss = training.validate(fabric, model, val_data, eval, train.micro_batch_size,
+                                             stream.share_prefix)
+                prompt, response = training.sample_response(raw_model, tokenizer, val_data, eval.max_new_tokens,
+                                                            fabric.device)
             progress.log(step, {"val_loss": val_loss}, show=True)
-            prompt, response = training.sample_response(raw_model, tokenizer, val_data, eval.max_new_tokens,
-                                                        fabric.device)
             progress.write(f"step {step}: val loss {val_loss:.4f}\n{prompt}{response}")
         if step % train.save_interval == 0 and step < total_steps:
-            save(out_dir / f"step-{step:06d}")
-            training.save_resume_state(fabric, out_dir, raw_model, optimizer, step, stream.position)
+            with progress.paused():
+                save(out_dir / f"step-{step:06d}")
+                training.save_resume_state(fabric, out_dir, raw_model, optimizer, step, stream.position)
     progress.close()
 
 

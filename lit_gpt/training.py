@@ -6,6 +6,7 @@ Plain functions and two small classes with no hooks: the loop itself stays visib
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -288,25 +289,43 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 # --- validation and samples --------------------------------------------------------------------------------
 @torch.no_grad()
-def validate(fabric: L.Fabric, model: nn.Module, dataset, eval_args: EvalArgs, micro_batch_size: int) -> float:
-    """Token-weighted mean loss over up to `eval_args.max_iters` validation micro-batches, over all ranks.
+def validate(
+    fabric: L.Fabric, model: nn.Module, dataset, eval_args: EvalArgs, micro_batch_size: int, share_prefix: bool = False
+) -> float:
+    """Token-weighted mean loss over the first `eval_args.max_iters` micro-batches' worth of validation samples,
+    over all ranks.
+
+    Those samples are batched shortest first, so a batch holds samples of similar length (2% padding instead
+    of ~26% on math_data.json), and with `share_prefix` a batch's common prompt template is computed once
+    (`GPT.forward(shared_prefix=...)`, as in training; not for a compiled model): 67 -> 50 s for its 163
+    validation samples on 2 CPU cores. The loss is the same token mean whatever the batching. A progress bar
+    shows on rank 0.
 
     NaN when the validation set is empty (data prepared with --val_split_fraction 0): there is nothing to measure.
     """
-    from lit_gpt.data import collate
+    from tqdm import tqdm
+
+    from lit_gpt.data import collate, shared_prefix_length
 
     if len(dataset) == 0:
         return float("nan")
+    n = min(len(dataset), eval_args.max_iters * micro_batch_size)
+    lengths = getattr(dataset, "lengths", None)
+    lengths = lengths[:n].tolist() if lengths is not None else [len(dataset[i][0]) for i in range(n)]
+    order = sorted(range(n), key=lengths.__getitem__)
+    batches = [order[start : start + micro_batch_size] for start in range(0, n, micro_batch_size)]
+    mine = batches[fabric.global_rank :: fabric.world_size]
     model.eval()
-    starts = list(range(0, len(dataset), micro_batch_size))[: eval_args.max_iters]
     loss_sum, count = 0.0, 0
-    for start in starts[fabric.global_rank :: fabric.world_size]:
-        input_ids, targets = collate([dataset[i] for i in range(start, min(start + micro_batch_size, len(dataset)))])
-        n = int((targets != IGNORE_INDEX).sum())
-        if n:
-            loss = model(input_ids.to(fabric.device), targets=targets.to(fabric.device))
-            loss_sum += float(loss) * n
-            count += n
+    for indices in tqdm(mine, desc="validate", unit="batch", leave=False, dynamic_ncols=True,
+                        disable=not fabric.is_global_zero):
+        input_ids, targets = collate([dataset[i] for i in indices])
+        supervised = int((targets != IGNORE_INDEX).sum())
+        if supervised:
+            prefix = shared_prefix_length(input_ids, targets) if share_prefix else 0
+            loss = model(input_ids.to(fabric.device), targets=targets.to(fabric.device), shared_prefix=prefix)
+            loss_sum += float(loss) * supervised
+            count += supervised
     model.train()
     loss_sum, count = global_sum(fabric, loss_sum), global_sum(fabric, count)
     return loss_sum / max(count, 1)
@@ -402,6 +421,20 @@ class ProgressLog:
         }
         self.window = {"t0": now, "steps": 0, "tokens": 0, "supervised": 0}
         return out
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Leave the time spent inside (validation, sample generation, saving) out of the tokens/s, the
+        logged throughput and the progress bar's rate and ETA: they describe training steps only."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            pause = time.perf_counter() - start
+            self.t0 += pause
+            self.window["t0"] += pause
+            if self.bar is not None:
+                self.bar.unpause()  # tqdm: restart its clock from its last print, so the pause is not a slow step
 
     def write(self, text: str) -> None:
         if self.bar is not None:

@@ -313,3 +313,59 @@ def test_the_optimizer_is_not_fused_under_fsdp():
     fsdp_fabric = SimpleNamespace(strategy=FSDPStrategy.__new__(FSDPStrategy))  # FSDP itself needs GPUs
     optimizer = training.adamw(torch.nn.Linear(3, 2), TrainArgs(), fsdp_fabric)
     assert not optimizer.param_groups[0]["fused"]
+
+
+def _templated_varied_dataset(n: int = 11) -> InstructionDataset:
+    """n samples of different lengths that begin with one 12-token template carrying no loss."""
+    g = torch.Generator().manual_seed(3)
+    template = list(range(40, 52))
+    sequences, prompts = [], []
+    for i in range(n):
+        own = torch.randint(1, 40, (2 + (7 * i) % 11,), generator=g).tolist()
+        sequences.append(torch.tensor(template + own))
+        prompts.append(len(template) + 1)
+    return InstructionDataset.from_sequences(sequences, prompts)
+
+
+@pytest.mark.parametrize("share_prefix", [False, True])
+def test_validation_loss_is_the_token_mean_over_the_first_batches_whatever_the_batching(share_prefix):
+    import lightning as L
+
+    from lit_gpt import training
+    from lit_gpt.args import EvalArgs
+
+    torch.manual_seed(0)
+    model = GPT(tiny_llama_config(vocab_size=64, block_size=64, n_layer=2))
+    dataset = _templated_varied_dataset(11)
+    assert shared_prefix_length(*collate([dataset[i] for i in range(4)])) >= 12  # there is a prefix to share
+    fabric = L.Fabric(accelerator="cpu", devices=1, precision="32-true")
+    for max_iters, micro in ((2, 4), (100, 3)):  # the first 8 samples; all 11
+        n = min(len(dataset), max_iters * micro)
+        with torch.no_grad():  # reference: each sample alone, summed over its loss-carrying tokens
+            total, count = 0.0, 0
+            for i in range(n):
+                x, y = collate([dataset[i]])
+                supervised = int((y != IGNORE_INDEX).sum())
+                total += float(model(x, targets=y)) * supervised
+                count += supervised
+        got = training.validate(fabric, model, dataset, EvalArgs(max_iters=max_iters), micro, share_prefix)
+        assert got == pytest.approx(total / count, rel=1e-6)
+    assert model.training  # validation hands the model back in training mode
+
+
+def test_time_spent_paused_is_left_out_of_the_training_speed(tmp_path):
+    import time
+
+    import lightning as L
+
+    from lit_gpt import training
+
+    fabric = L.Fabric(accelerator="cpu", devices=1, precision="32-true")
+    progress = training.ProgressLog(fabric, tmp_path, total_steps=2, start_step=0)
+    with progress.paused():  # a validation run, say
+        time.sleep(0.5)
+    progress.update(1, tokens=100, supervised=50)
+    speed = progress.throughput()
+    progress.close()
+    assert speed["step_time_s"] < 0.25, speed  # the 0.5 s pause is not a step's time
+    assert speed["tokens_per_s"] > 400, speed
