@@ -19,11 +19,11 @@ from typing import Optional
 
 import lightning as L
 
-from lit_gpt.args import EvalArgs
+from lit_gpt.args import EvalArgs, TrainArgs
 from lit_gpt.cli import run_cli
 from lit_gpt.data import TRAIN_FILE, VAL_FILE, check_prepared_data, load_prepared
 from lit_gpt.evaluation import load_eval_model
-from lit_gpt.training import validate
+from lit_gpt.training import uses_shared_prefix, validate
 from lit_gpt.utils import choose_device_type, choose_precision, precision_to_dtype
 
 
@@ -70,9 +70,9 @@ def main(
     max_batches = min(max_batches or n_batches, n_batches)
     print(f"Loss of {what} on {min(len(dataset), max_batches * batch_size)} {split} samples of {data_dir}")
     start = time.perf_counter()
-    # On the CPU each batch's shared prompt template is computed once, as in training (same loss, faster).
+    # Each batch's shared prompt template is computed once where training's default does so (same loss, faster).
     loss = validate(fabric, model, dataset, EvalArgs(max_iters=max_batches), batch_size,
-                    share_prefix=fabric.device.type == "cpu")
+                    share_prefix=uses_shared_prefix(TrainArgs(), fabric.device.type))
     result = {
         "loss": loss,
         "perplexity": math.exp(loss),

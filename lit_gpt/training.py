@@ -123,6 +123,14 @@ class DataPosition:
     index: int = 0  # next position within the epoch's order
 
 
+def uses_shared_prefix(train: TrainArgs, device_type: str) -> bool:
+    """Whether batches on `device_type` compute their common prompt template once (`GPT.forward(shared_prefix=)`):
+    as --train.shared_prefix says, by default only on the CPU (slower on a GPU, see TrainArgs.shared_prefix),
+    and never for a compiled model (a compiled graph takes no layout)."""
+    share = device_type == "cpu" if train.shared_prefix is None else train.shared_prefix
+    return share and not train.compile
+
+
 class BatchStream:
     """Micro-batches for one optimizer step, for this rank, from a deterministic per-epoch order.
 
@@ -143,10 +151,7 @@ class BatchStream:
         self.row_length = int(max(dataset.lengths)) - 1 if train.packing else 0
         self._order: Optional[list[int]] = None
         self._order_epoch = -1
-        share = train.shared_prefix
-        if share is None:  # by default only on the CPU: slower on a GPU (see TrainArgs.shared_prefix)
-            share = accelerator() == "cpu"
-        self.share_prefix = share and not train.compile  # a compiled graph takes no layout
+        self.share_prefix = uses_shared_prefix(train, accelerator())
 
     def _order_for(self, epoch: int) -> list[int]:
         if self._order_epoch != epoch:
