@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import importlib.metadata
 import json
 import os
 import platform
@@ -97,8 +98,9 @@ def log(message: str) -> None:
 def ensure_venv(venv: Path, packages: list[str]) -> Path:
     """Create `venv` (reusing this interpreter's packages) and pip-install `packages` into it; return its bin/.
 
-    torch and lightning are pinned to this interpreter's versions through a constraints file, so no peer can
-    pull in another build. A stamp file skips the install when the same packages were installed before.
+    torch (and lightning, where this interpreter has it) is pinned to this interpreter's version through a
+    constraints file, so no peer can pull in another build. A stamp file skips the install when the same
+    packages were installed before.
     """
     stamp, bin_dir = venv / "installed.json", venv / "bin"
     torch_version = torch.__version__.split("+")[0]
@@ -108,11 +110,9 @@ def ensure_venv(venv: Path, packages: list[str]) -> Path:
     log(f"creating the peer environment {venv} with {' '.join(packages)}")
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
     pins = [f"torch=={torch_version}"]
-    try:
-        import lightning
-
-        pins.append(f"lightning=={lightning.__version__}")
-    except ImportError:
+    try:  # litgpt needs the whole `lightning` bundle, which we do not (we use lightning-fabric)
+        pins.append(f"lightning=={importlib.metadata.version('lightning')}")
+    except importlib.metadata.PackageNotFoundError:
         pass
     constraints = venv / "constraints.txt"
     constraints.write_text("\n".join(pins) + "\n")

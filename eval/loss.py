@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-import lightning as L
+from lightning_fabric import Fabric
 
 from lit_gpt.args import EvalArgs, TrainArgs
 from lit_gpt.cli import run_cli
@@ -61,7 +61,7 @@ def main(
         raise ValueError(f"{path} holds no samples; prepare the data with a nonzero --val_split_fraction.")
     device_type = choose_device_type()
     precision = choose_precision(precision, device_type)
-    fabric = L.Fabric(accelerator=device_type, devices=1, precision=precision)
+    fabric = Fabric(accelerator=device_type, devices=1, precision=precision)
     model, tokenizer, what = load_eval_model(
         checkpoint_dir, finetuned_dir, method, device=fabric.device, dtype=precision_to_dtype(precision)
     )

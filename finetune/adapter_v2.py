@@ -16,7 +16,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-import lightning as L
 import torch
 
 from lit_gpt import adapter_v2 as method

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-import lightning as L
+from lightning_fabric import Fabric
 import torch
 
 from lit_gpt.checkpoint import check_valid_checkpoint_dir
@@ -64,7 +64,7 @@ def main(
     device_type = choose_device_type()
     precision = choose_precision(precision, device_type)
     quantize = check_quantize(quantize, device_type, precision)
-    fabric = L.Fabric(accelerator=device_type, devices=1, precision=precision)
+    fabric = Fabric(accelerator=device_type, devices=1, precision=precision)
     torch.manual_seed(seed)
 
     tokenizer = Tokenizer(checkpoint_dir)

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-import lightning as L
+from lightning_fabric import Fabric
 import torch
 
 from lit_gpt.cli import run_cli
@@ -65,7 +65,7 @@ def main(
     device_type = choose_device_type()
     precision = choose_precision(precision, device_type)
     quantize = check_quantize(quantize, device_type, precision)
-    fabric = L.Fabric(accelerator=device_type, devices=1, precision=precision)
+    fabric = Fabric(accelerator=device_type, devices=1, precision=precision)
     torch.manual_seed(seed)
 
     model, hparams = load_finetuned(

@@ -276,7 +276,7 @@ def build_base_for_training(fabric, checkpoint_dir: Path, precision: str, quanti
     loading a 7B base for GPU training peaked at 15 GB of host memory when it did. Unquantized under FSDP, the
     model is built on the meta device by `fabric.init_module` and the state dict assigned before Fabric shards it.
     """
-    from lightning.fabric.strategies import FSDPStrategy
+    from lightning_fabric.strategies import FSDPStrategy
 
     from lit_gpt.checkpoint import WEIGHTS_FILE, load_into_model, load_weights_file
     from lit_gpt.config import Config

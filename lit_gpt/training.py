@@ -15,12 +15,12 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
-import lightning as L
-from lightning.fabric.strategies import FSDPStrategy
+from lightning_fabric import Fabric
+from lightning_fabric.strategies import FSDPStrategy
 import torch
 import torch.nn as nn
 import yaml
@@ -48,7 +48,7 @@ def accelerator() -> str:
     return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
 
 
-def setup_fabric(devices: int, precision: str, strategy: str) -> L.Fabric:
+def setup_fabric(devices: int, precision: str, strategy: str) -> Fabric:
     """Fabric on the best available accelerator (CUDA, MPS, CPU), with DDP/FSDP for `devices` > 1.
 
     `precision` is a Fabric precision string (see `lit_gpt.utils.choose_precision` for the default).
@@ -62,7 +62,7 @@ def setup_fabric(devices: int, precision: str, strategy: str) -> L.Fabric:
         raise ValueError(f"--strategy must be one of auto, ddp, fsdp; got {strategy!r}.")
     if accelerator() == "cpu":
         reuse_freed_host_memory()  # activations live in host memory: stop page-faulting them in every step
-    return L.Fabric(accelerator=accelerator(), devices=devices, strategy=strategy, precision=precision)
+    return Fabric(accelerator=accelerator(), devices=devices, strategy=strategy, precision=precision)
 
 
 def check_run_args(
@@ -95,7 +95,7 @@ def check_run_args(
         )
 
 
-def report_parameters(fabric: L.Fabric, model: nn.Module) -> None:
+def report_parameters(fabric: Fabric, model: nn.Module) -> None:
     """Print how many parameters train and how many are frozen (quantized weights counted unpacked)."""
     from lit_gpt.quantize import logical_numel
 
@@ -104,7 +104,7 @@ def report_parameters(fabric: L.Fabric, model: nn.Module) -> None:
     fabric.print(f"Trainable parameters: {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.3f}%)")
 
 
-def finish(fabric: L.Fabric, out_dir: Path) -> None:
+def finish(fabric: Fabric, out_dir: Path) -> None:
     """End of a run: draw the loss curve and say where everything is."""
     if fabric.is_global_zero:
         png = plot_loss_curve(out_dir)
@@ -245,7 +245,7 @@ class MicroBatch:
         return inputs
 
 
-def adamw(model: nn.Module, train: TrainArgs, fabric: Optional[L.Fabric] = None) -> torch.optim.AdamW:
+def adamw(model: nn.Module, train: TrainArgs, fabric: Optional[Fabric] = None) -> torch.optim.AdamW:
     """AdamW over `model`'s trainable parameters (those with requires_grad, as the PEFT method's
     `mark_trainable` left them) with the run's learning rate and weight decay.
 
@@ -270,7 +270,7 @@ def prepare_model_for_training(model: nn.Module, train: TrainArgs) -> nn.Module:
     return model
 
 
-def global_sum(fabric: L.Fabric, value: float) -> float:
+def global_sum(fabric: Fabric, value: float) -> float:
     """Sum a number over all ranks (no communication on one device)."""
     if fabric.world_size == 1:
         return value
@@ -295,7 +295,7 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 # --- validation and samples --------------------------------------------------------------------------------
 @torch.no_grad()
 def validate(
-    fabric: L.Fabric, model: nn.Module, dataset, eval_args: EvalArgs, micro_batch_size: int, share_prefix: bool = False
+    fabric: Fabric, model: nn.Module, dataset, eval_args: EvalArgs, micro_batch_size: int, share_prefix: bool = False
 ) -> float:
     """Token-weighted mean loss over the first `eval_args.max_iters` micro-batches' worth of validation samples,
     over all ranks.
@@ -361,7 +361,7 @@ def sample_response(model: nn.Module, tokenizer, dataset, max_new_tokens: int, d
 class ProgressLog:
     """Progress bar (loss, tokens/s, ETA) on rank 0 and a CSV of metrics in the output directory."""
 
-    def __init__(self, fabric: L.Fabric, out_dir: Path, total_steps: int, start_step: int) -> None:
+    def __init__(self, fabric: Fabric, out_dir: Path, total_steps: int, start_step: int) -> None:
         self.fabric, self.path = fabric, out_dir / LOG_FILE
         self.bar = None
         if fabric.is_global_zero and self.path.exists():
@@ -500,7 +500,7 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_output_dir(
-    fabric: L.Fabric,
+    fabric: Fabric,
     out_dir: Path,
     weights: dict[str, torch.Tensor],
     weights_file: str,
@@ -550,7 +550,7 @@ def run_hyperparameters(method: str, settings: Any, **values: Any) -> dict[str, 
 
 
 def save_resume_state(
-    fabric: L.Fabric,
+    fabric: Fabric,
     out_dir: Path,
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -587,7 +587,7 @@ def save_resume_state(
 
 
 def load_resume_state(
-    fabric: L.Fabric, out_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer
+    fabric: Fabric, out_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer
 ) -> tuple[int, DataPosition]:
     """Restore what `save_resume_state` wrote; returns (step, data position)."""
     path = out_dir / RESUME_FILE

@@ -13,7 +13,7 @@ import runpy
 import sys
 from pathlib import Path
 
-import lightning as L
+from lightning_fabric import Fabric
 import pytest
 import torch
 import yaml
@@ -186,7 +186,7 @@ def lora_dir(checkpoint_dir, tmp_path_factory) -> Path:
     hparams = training.run_hyperparameters("lora", settings, checkpoint_dir=checkpoint_dir)
     hparams["base_fingerprint"] = training.base_fingerprint(checkpoint_dir)
     out = tmp_path_factory.mktemp("lora_out") / "final"
-    training.save_output_dir(L.Fabric(accelerator="cpu", devices=1), out, lora.state_dict_to_save(model),
+    training.save_output_dir(Fabric(accelerator="cpu", devices=1), out, lora.state_dict_to_save(model),
                              "lora.safetensors", hparams, checkpoint_dir)
     return out
 

@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 import pytest
-import lightning  # noqa: F401  (imported now: its log handler must bind the real stderr, not a test's capsys)
+import lightning_fabric  # noqa: F401  (imported now: its log handler must bind the real stderr, not a test's capsys)
 import torch
 import torch.nn as nn
 import yaml

@@ -18,7 +18,7 @@ ALLOWED_TOP_LEVEL = {
     "__future__", "argparse", "contextlib", "csv", "dataclasses", "functools", "hashlib", "json", "math", "os",
     "pathlib", "random", "re", "resource", "shutil", "signal", "statistics", "subprocess", "sys", "tempfile", "time",
     "typing", "urllib", "warnings", "importlib", "platform", "gc", "itertools", "collections", "textwrap",
-    "torch", "lightning", "jsonargparse", "tqdm", "lit_gpt", "yaml", "safetensors", "huggingface_hub",
+    "torch", "lightning_fabric", "jsonargparse", "tqdm", "lit_gpt", "yaml", "safetensors", "huggingface_hub",
 }
 # Benchmarks may import the peers they measure.
 BENCHMARK_EXTRA = {"transformers", "peft", "litgpt", "numpy"}

@@ -257,11 +257,11 @@ def test_a_restored_position_continues_with_the_same_batches():
 TRAINING_LOAD_SCRIPT = r"""
 import json, sys
 from pathlib import Path
-import lightning as L
+from lightning_fabric import Fabric
 from lit_gpt.quantize import build_base_for_training
 def status(key):  # VmRSS / VmHWM of this process, bytes
     return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(key + ":"))
-fabric = L.Fabric(accelerator="cpu", devices=1, precision="32-true")
+fabric = Fabric(accelerator="cpu", devices=1, precision="32-true")
 with open("/proc/self/clear_refs", "w") as f:
     f.write("5")  # reset the peak (VmHWM) to the current RSS, so import-time peaks do not count
 before = status("VmRSS")
@@ -306,7 +306,7 @@ def test_the_optimizer_is_fused_adamw_with_the_run_settings():
 def test_the_optimizer_is_not_fused_under_fsdp():
     from types import SimpleNamespace
 
-    from lightning.fabric.strategies import FSDPStrategy
+    from lightning_fabric.strategies import FSDPStrategy
 
     from lit_gpt import training
 
@@ -329,7 +329,7 @@ def _templated_varied_dataset(n: int = 11) -> InstructionDataset:
 
 @pytest.mark.parametrize("share_prefix", [False, True])
 def test_validation_loss_is_the_token_mean_over_the_first_batches_whatever_the_batching(share_prefix):
-    import lightning as L
+    from lightning_fabric import Fabric
 
     from lit_gpt import training
     from lit_gpt.args import EvalArgs
@@ -338,7 +338,7 @@ def test_validation_loss_is_the_token_mean_over_the_first_batches_whatever_the_b
     model = GPT(tiny_llama_config(vocab_size=64, block_size=64, n_layer=2))
     dataset = _templated_varied_dataset(11)
     assert shared_prefix_length(*collate([dataset[i] for i in range(4)])) >= 12  # there is a prefix to share
-    fabric = L.Fabric(accelerator="cpu", devices=1, precision="32-true")
+    fabric = Fabric(accelerator="cpu", devices=1, precision="32-true")
     for max_iters, micro in ((2, 4), (100, 3)):  # the first 8 samples; all 11
         n = min(len(dataset), max_iters * micro)
         with torch.no_grad():  # reference: each sample alone, summed over its loss-carrying tokens
@@ -356,11 +356,11 @@ def test_validation_loss_is_the_token_mean_over_the_first_batches_whatever_the_b
 def test_time_spent_paused_is_left_out_of_the_training_speed(tmp_path):
     import time
 
-    import lightning as L
+    from lightning_fabric import Fabric
 
     from lit_gpt import training
 
-    fabric = L.Fabric(accelerator="cpu", devices=1, precision="32-true")
+    fabric = Fabric(accelerator="cpu", devices=1, precision="32-true")
     progress = training.ProgressLog(fabric, tmp_path, total_steps=2, start_step=0)
     with progress.paused():  # a validation run, say
         time.sleep(0.5)
