@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -113,3 +115,19 @@ def test_peft_generate_scripts_differ_only_in_their_method():
     reference = body("lora.py")
     for name in ("adapter.py", "adapter_v2.py"):
         assert body(name) == reference, f"generate/{name} drifted from generate/lora.py"
+
+
+def test_importing_the_library_leaves_out_heavy_packages_it_does_not_need():
+    """Every script pays at start-up for what lit_gpt imports. Fabric comes from `lightning-fabric`: the
+    `lightning` bundle would also load its Trainer and torchmetrics, and through them transformers, scipy
+    and matplotlib (~4.5 s on a 2-core CPU). transformers is only for tests, benchmarks and the converters'
+    optional checks, matplotlib only for the loss-curve plot."""
+    code = (
+        "import importlib, pkgutil, sys, lit_gpt\n"
+        "for module in pkgutil.iter_modules(lit_gpt.__path__): importlib.import_module('lit_gpt.' + module.name)\n"
+        "print(' '.join(sorted(set(name.split('.')[0] for name in sys.modules))))"
+    )
+    loaded = set(subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                                check=True).stdout.split())
+    assert "lit_gpt" in loaded and "lightning_fabric" in loaded
+    assert not loaded & {"lightning", "torchmetrics", "transformers", "scipy", "matplotlib"}
