@@ -99,7 +99,10 @@ def read_gguf(path: Union[str, Path]):
     try:
         import gguf
     except ImportError:
-        raise ImportError("Reading GGUF files needs the `gguf` package: `pip install gguf numpy`.") from None
+        raise ImportError(
+            "Reading GGUF files needs the `gguf` package, one of this project's dependencies: reinstall the project "
+            "(`pip install -e .`) or `pip install gguf`."
+        ) from None
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"GGUF file {str(path)!r} does not exist.")

@@ -14,6 +14,7 @@ from typing import Optional
 
 import torch
 
+from lit_gpt.cli import run_cli
 from lit_gpt.gguf import convert_gguf_checkpoint
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -34,6 +35,4 @@ def main(checkpoint_dir: Path, gguf_path: Optional[Path] = None, dtype: str = "f
 
 
 if __name__ == "__main__":
-    from jsonargparse import CLI
-
-    CLI(main, as_positional=False)
+    run_cli(main)

@@ -22,6 +22,7 @@ from typing import Optional
 
 import torch
 
+from lit_gpt.cli import run_cli
 from lit_gpt.convert import convert_hf_checkpoint
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -41,6 +42,4 @@ def main(checkpoint_dir: Path, dtype: Optional[str] = None) -> None:
 
 
 if __name__ == "__main__":
-    from jsonargparse import CLI
-
-    CLI(main, as_positional=False)
+    run_cli(main)

@@ -20,6 +20,7 @@ from typing import Optional
 
 import torch
 
+from lit_gpt.cli import run_cli
 from lit_gpt.convert import convert_lit_checkpoint
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -40,6 +41,4 @@ def main(checkpoint_dir: Path, output_dir: Path, dtype: Optional[str] = None) ->
 
 
 if __name__ == "__main__":
-    from jsonargparse import CLI
-
-    CLI(main, as_positional=False)
+    run_cli(main)

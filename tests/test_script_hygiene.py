@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ast
+import importlib.metadata
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -76,6 +78,18 @@ def test_scripts_import_only_lit_gpt_and_libraries(path):
             assert module.split(".")[0] in allowed, f"{path.name} imports {module}"
 
 
+@pytest.mark.parametrize("path", [p for p in ALL_SCRIPTS if p.parent.name != "benchmarks"],
+                         ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_user_scripts_run_through_run_cli(path):
+    """Every user-facing script's command line goes through lit_gpt.cli.run_cli, so a wrong flag, a missing file
+    or a missing package ends in one `error: ...` line, not a traceback."""
+    tree = ast.parse(path.read_text())
+    main_blocks = [node for node in tree.body if isinstance(node, ast.If) and "__main__" in ast.unparse(node.test)]
+    assert main_blocks, f"{path.name} has no `if __name__ == \"__main__\":` block"
+    calls = {ast.unparse(node.func) for node in ast.walk(main_blocks[0]) if isinstance(node, ast.Call)}
+    assert "run_cli" in calls, f"{path.name}'s __main__ block does not call run_cli (it calls {sorted(calls)})"
+
+
 @pytest.mark.parametrize("path", ALL_SCRIPTS, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_scripts_have_a_docstring_with_an_example(path):
     doc = ast.get_docstring(ast.parse(path.read_text())) or ""
@@ -131,3 +145,35 @@ def test_importing_the_library_leaves_out_heavy_packages_it_does_not_need():
                                 check=True).stdout.split())
     assert "lit_gpt" in loaded and "lightning_fabric" in loaded
     assert not loaded & {"lightning", "torchmetrics", "transformers", "scipy", "matplotlib"}
+
+
+def test_every_package_the_code_imports_is_a_declared_dependency():
+    """A fresh `pip install -e .` must bring everything the library and the user-facing scripts import, even
+    lazily; packages for one option belong to an extra (plot: matplotlib; quantize: bitsandbytes, imported by
+    name in lit_gpt.quantize). Our test environment has many packages installed, so only this check notices
+    a package that a user's fresh environment would lack (gguf, for the embedded model, once did)."""
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    declared = {_distribution_name(req) for req in project["dependencies"] + extras["plot"] + extras["quantize"]}
+    distributions = importlib.metadata.packages_distributions()
+    missing = {}
+    for folder in ("lit_gpt", "finetune", "generate", "eval", "scripts"):
+        for path in sorted((ROOT / folder).glob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Import):
+                    names = [alias.name for alias in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                    names = [node.module]
+                else:
+                    continue
+                for top in {name.split(".")[0] for name in names} - set(sys.stdlib_module_names) - {"lit_gpt"}:
+                    owners = {_distribution_name(d) for d in distributions.get(top, [top])}
+                    if not owners & declared:
+                        missing.setdefault(top, path.relative_to(ROOT).as_posix())
+    assert not missing, f"imported but not in pyproject.toml's dependencies (module: first file): {missing}"
+
+
+def _distribution_name(requirement: str) -> str:
+    """'jsonargparse[signatures]>=4.27' -> 'jsonargparse'; 'PyYAML' -> 'pyyaml' (PEP 503 normalised)."""
+    return re.sub(r"[-_.]+", "-", re.match(r"[A-Za-z0-9._-]+", requirement).group(0)).lower()
