@@ -134,8 +134,8 @@ def test_peft_generate_scripts_differ_only_in_their_method():
 def test_importing_the_library_leaves_out_heavy_packages_it_does_not_need():
     """Every script pays at start-up for what lit_gpt imports. Fabric comes from `lightning-fabric`: the
     `lightning` bundle would also load its Trainer and torchmetrics, and through them transformers, scipy
-    and matplotlib (~4.5 s on a 2-core CPU). transformers is only for tests, benchmarks and the converters'
-    optional checks, matplotlib only for the loss-curve plot."""
+    and matplotlib (~4.5 s on a 2-core CPU). transformers is only for tests and benchmarks, matplotlib only for
+    the loss-curve plot, imported when it is drawn."""
     code = (
         "import importlib, pkgutil, sys, lit_gpt\n"
         "for module in pkgutil.iter_modules(lit_gpt.__path__): importlib.import_module('lit_gpt.' + module.name)\n"
