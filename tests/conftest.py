@@ -8,6 +8,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import runpy
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,6 +23,20 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 # For scripts run as subprocesses: one thread each (tiny matmuls on two contended cores are slower), unbuffered.
 SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def run_script_in_process(script: str, *args: str, monkeypatch, capsys) -> tuple[int, str, str]:
+    """Run a repository script (e.g. "finetune/lora.py") as __main__ with a command line, in this process (no
+    interpreter start-up): (exit code, stdout, stderr). Output printed before the call is discarded."""
+    capsys.readouterr()
+    monkeypatch.setattr(sys, "argv", [script, *args])
+    code = 0
+    try:
+        runpy.run_path(str(REPO_ROOT / script), run_name="__main__")
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else int(e.code is not None)
+    out, err = capsys.readouterr()
+    return code, out, err
 
 
 @contextlib.contextmanager

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import runpy
-import sys
 from pathlib import Path
 
 from lightning_fabric import Fabric
@@ -35,7 +33,7 @@ from lit_gpt.evaluation import (
 from lit_gpt.generation import generate
 from lit_gpt.tokenizer import Tokenizer
 
-from conftest import REPO_ROOT, make_checkpoint_dir
+from conftest import make_checkpoint_dir, run_script_in_process
 
 RECORDS = [
     {"instruction": "Add the two numbers.", "input": "12 and 30", "output": "42", "answer": 42},
@@ -48,18 +46,6 @@ RECORDS = [
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-
-def run_script(script: str, *args: str, monkeypatch, capsys) -> tuple[int, str, str]:
-    """Run a script as __main__ with a command line, in this process: (exit code, stdout, stderr)."""
-    capsys.readouterr()
-    monkeypatch.setattr(sys, "argv", [script, *args])
-    code = 0
-    try:
-        runpy.run_path(str(REPO_ROOT / script), run_name="__main__")
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def unbatched_responses(model, tokenizer, records, max_new_tokens: int) -> list[str]:
@@ -207,7 +193,7 @@ def lora_dir(checkpoint_dir, tmp_path_factory) -> Path:
 )
 def test_bad_input_is_one_clear_line(args, message, data_file, checkpoint_dir, lora_dir, tmp_path, monkeypatch, capsys):
     args = [a.format(data=data_file, ckpt=checkpoint_dir, lora=lora_dir) for a in args]
-    code, out, err = run_script("eval/accuracy.py", *args, "--out_dir", str(tmp_path / "o"), monkeypatch=monkeypatch, capsys=capsys)
+    code, out, err = run_script_in_process("eval/accuracy.py", *args, "--out_dir", str(tmp_path / "o"), monkeypatch=monkeypatch, capsys=capsys)
     assert code == 2, (out, err)
     assert message in err and "Traceback" not in err, err
 
@@ -219,7 +205,7 @@ def test_adapter_dir_without_its_weights_is_a_clear_error(lora_dir, data_file, t
     hparams = yaml.safe_load((lora_dir / "hyperparameters.yaml").read_text())
     (bad / "hyperparameters.yaml").write_text(yaml.safe_dump({**hparams, "method": "adapter"}))
     (bad / "lora.safetensors").write_bytes((lora_dir / "lora.safetensors").read_bytes())
-    code, _, err = run_script("eval/accuracy.py", "--data_file", str(data_file), "--finetuned_dir", str(bad),
+    code, _, err = run_script_in_process("eval/accuracy.py", "--data_file", str(data_file), "--finetuned_dir", str(bad),
                               monkeypatch=monkeypatch, capsys=capsys)
     assert code == 2 and "says method 'adapter' but has no adapter.safetensors" in err and "Traceback" not in err
 
@@ -227,7 +213,7 @@ def test_adapter_dir_without_its_weights_is_a_clear_error(lora_dir, data_file, t
 def test_no_answer_field_via_the_script(checkpoint_dir, tmp_path, monkeypatch, capsys):
     path = tmp_path / "plain_alpaca.json"
     path.write_text(json.dumps([{"instruction": "Hi", "input": "", "output": "Hello"}]))
-    code, _, err = run_script("eval/accuracy.py", "--data_file", str(path), "--checkpoint_dir", str(checkpoint_dir),
+    code, _, err = run_script_in_process("eval/accuracy.py", "--data_file", str(path), "--checkpoint_dir", str(checkpoint_dir),
                               monkeypatch=monkeypatch, capsys=capsys)
     assert code == 2 and "plain_alpaca.json, record 0: no 'answer' field" in err and "eval/loss.py" in err
 
@@ -247,7 +233,7 @@ def test_accuracy_counts_what_the_model_answers(tmp_path, monkeypatch, capsys):
     data = tmp_path / "answers.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in records))
     out = tmp_path / "eval"
-    code, stdout, err = run_script("eval/accuracy.py", "--checkpoint_dir", str(ckpt), "--data_file", str(data),
+    code, stdout, err = run_script_in_process("eval/accuracy.py", "--checkpoint_dir", str(ckpt), "--data_file", str(data),
                                    "--max_new_tokens", "1", "--batch_size", "4", "--out_dir", str(out),
                                    monkeypatch=monkeypatch, capsys=capsys)
     assert code == 0, err
@@ -260,7 +246,7 @@ def test_accuracy_counts_what_the_model_answers(tmp_path, monkeypatch, capsys):
     assert (summary["correct"], summary["total"], summary["answer_type"]) == (3, 6, "number")
     assert math.isclose(summary["accuracy"], 0.5)
 
-    code, stdout, _ = run_script("eval/accuracy.py", "--checkpoint_dir", str(ckpt), "--data_file", str(data),
+    code, stdout, _ = run_script_in_process("eval/accuracy.py", "--checkpoint_dir", str(ckpt), "--data_file", str(data),
                                  "--max_new_tokens", "1", "--limit", "2", "--out_dir", str(out),
                                  monkeypatch=monkeypatch, capsys=capsys)
     assert code == 0 and "accuracy 100.0% (2/2)" in stdout
@@ -284,7 +270,7 @@ def test_loss_script_matches_validate(checkpoint_dir, lora_dir, tmp_path, monkey
     results = {}
     for name, flag in (("base", ["--checkpoint_dir", str(checkpoint_dir)]), ("lora", ["--finetuned_dir", str(lora_dir)])):
         out_file = tmp_path / f"{name}.json"
-        code, stdout, err = run_script("eval/loss.py", "--data_dir", str(data_dir), *flag, "--out_file", str(out_file),
+        code, stdout, err = run_script_in_process("eval/loss.py", "--data_dir", str(data_dir), *flag, "--out_file", str(out_file),
                                        monkeypatch=monkeypatch, capsys=capsys)
         assert code == 0, err
         results[name] = json.loads(out_file.read_text())
@@ -293,7 +279,7 @@ def test_loss_script_matches_validate(checkpoint_dir, lora_dir, tmp_path, monkey
     assert results["base"]["loss"] != results["lora"]["loss"]
     assert 0 < results["base"]["loss"] < 20
 
-    code, _, err = run_script("eval/loss.py", "--data_dir", str(tmp_path / "none"), "--checkpoint_dir",
+    code, _, err = run_script_in_process("eval/loss.py", "--data_dir", str(tmp_path / "none"), "--checkpoint_dir",
                               str(checkpoint_dir), monkeypatch=monkeypatch, capsys=capsys)
     assert code == 2 and "does not exist" in err and "Traceback" not in err
 

@@ -24,7 +24,6 @@ import hashlib
 import importlib.util
 import math
 import os
-import runpy
 import shutil
 import signal
 import subprocess
@@ -44,7 +43,7 @@ from lit_gpt.peft import METHODS, load_finetuned
 from lit_gpt.prompts import alpaca_prompt
 from lit_gpt.tokenizer import Tokenizer
 
-from conftest import SUBPROCESS_ENV, make_checkpoint_dir
+from conftest import SUBPROCESS_ENV, make_checkpoint_dir, run_script_in_process
 
 ROOT = Path(__file__).resolve().parents[1]
 PAIRS = [  # distinct first answer tokens, words the tiny tokenizer knows
@@ -80,18 +79,6 @@ def load_script(relative: str):
         spec.loader.exec_module(module)
     return sys.modules[name]
 
-
-def run_cli_in_process(script: str, *args: str, monkeypatch, capsys) -> tuple[int, str, str]:
-    """Run a script as __main__ with a command line, in this process: (exit code, stdout, stderr)."""
-    capsys.readouterr()
-    monkeypatch.setattr(sys, "argv", [script, *args])
-    code = 0
-    try:
-        runpy.run_path(str(ROOT / script), run_name="__main__")
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def run_subprocess(script: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -242,7 +229,7 @@ def test_overfits_four_answers_and_generates_one_greedily(method, trained, monke
         else:
             prompt = ""
             args = ["--finetuned_dir", str(final), "--prompt", instruction]
-        code, out, err = run_cli_in_process(
+        code, out, err = run_script_in_process(
             GENERATE[method], *args, "--temperature", "0", "--max_new_tokens", "20", "--precision", "32-true",
             monkeypatch=monkeypatch, capsys=capsys,
         )
@@ -284,13 +271,13 @@ def test_resume_after_sigkill_is_bit_identical_to_an_uninterrupted_run(base, dat
     killed_at = int(torch.load(killed / "resume_state.pt", weights_only=True)["step"])
     assert 0 < killed_at < steps and killed_at % save_interval == 0
 
-    code, out, err = run_cli_in_process("finetune/lora.py", *flags, "--out_dir", str(killed), "--resume", "true",
+    code, out, err = run_script_in_process("finetune/lora.py", *flags, "--out_dir", str(killed), "--resume", "true",
                                         monkeypatch=monkeypatch, capsys=capsys)
     assert code == 0, err
     assert f"Resuming from step {killed_at}" in out
 
     uninterrupted = tmp_path / "uninterrupted"
-    code, _, err = run_cli_in_process("finetune/lora.py", *flags, "--out_dir", str(uninterrupted),
+    code, _, err = run_script_in_process("finetune/lora.py", *flags, "--out_dir", str(uninterrupted),
                                       monkeypatch=monkeypatch, capsys=capsys)
     assert code == 0, err
 
@@ -352,7 +339,7 @@ def assert_clean_error(code: int, err: str, *names: str) -> None:
 def test_unwritable_out_dir_is_named(base, data, tmp_path, monkeypatch, capsys):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")
-    code, _, err = run_cli_in_process("finetune/lora.py", *_finetune_flags(base, data, blocker / "sub"),
+    code, _, err = run_script_in_process("finetune/lora.py", *_finetune_flags(base, data, blocker / "sub"),
                                       monkeypatch=monkeypatch, capsys=capsys)
     assert_clean_error(code, err, "--out_dir", str(blocker / "sub"))
 
@@ -364,7 +351,7 @@ def test_read_only_out_dir_is_named(base, data, tmp_path, monkeypatch, capsys):
     try:
         if os.access(read_only, os.W_OK):
             pytest.skip("permissions are not enforced for this user (root): covered by the file-path case")
-        code, _, err = run_cli_in_process("finetune/adapter.py", *_finetune_flags(base, data, read_only / "run"),
+        code, _, err = run_script_in_process("finetune/adapter.py", *_finetune_flags(base, data, read_only / "run"),
                                           monkeypatch=monkeypatch, capsys=capsys)
         assert_clean_error(code, err, "--out_dir", "not writable")
     finally:
@@ -373,7 +360,7 @@ def test_read_only_out_dir_is_named(base, data, tmp_path, monkeypatch, capsys):
 
 def test_missing_data_dir_is_named_with_the_prepare_command(base, tmp_path, monkeypatch, capsys):
     missing = tmp_path / "no_data"
-    code, _, err = run_cli_in_process("finetune/adapter_v2.py", *_finetune_flags(base, missing, tmp_path / "out"),
+    code, _, err = run_script_in_process("finetune/adapter_v2.py", *_finetune_flags(base, missing, tmp_path / "out"),
                                       monkeypatch=monkeypatch, capsys=capsys)
     assert_clean_error(code, err, "--data_dir", str(missing), "prepare_")
 
@@ -381,14 +368,14 @@ def test_missing_data_dir_is_named_with_the_prepare_command(base, tmp_path, monk
 def test_global_batch_not_a_multiple_of_micro_batch_times_devices(base, data, tmp_path, monkeypatch, capsys):
     flags = _finetune_flags(base, data, tmp_path / "out", "--train.micro_batch_size", "2",
                             "--train.global_batch_size", "6", "--devices", "2")
-    code, _, err = run_cli_in_process("finetune/full.py", *flags, monkeypatch=monkeypatch, capsys=capsys)
+    code, _, err = run_script_in_process("finetune/full.py", *flags, monkeypatch=monkeypatch, capsys=capsys)
     assert_clean_error(code, err, "--train.global_batch_size (6)", "--train.micro_batch_size (2)", "--devices (2)")
     assert not (tmp_path / "out").exists()  # checked before anything is written
 
 
 def test_resume_without_a_saved_state(base, data, tmp_path, monkeypatch, capsys):
     out_dir = tmp_path / "fresh"
-    code, _, err = run_cli_in_process("finetune/lora.py", *_finetune_flags(base, data, out_dir, "--resume", "true"),
+    code, _, err = run_script_in_process("finetune/lora.py", *_finetune_flags(base, data, out_dir, "--resume", "true"),
                                       monkeypatch=monkeypatch, capsys=capsys)
     assert_clean_error(code, err, "--resume", str(out_dir / "resume_state.pt"))
     assert not (out_dir / "final").exists()
@@ -397,7 +384,7 @@ def test_resume_without_a_saved_state(base, data, tmp_path, monkeypatch, capsys)
 def test_adapter_weights_on_another_base_fail_the_fingerprint_check(trained, tmp_path, monkeypatch, capsys):
     other = make_checkpoint_dir(tmp_path / "other_base", seed=1, n_embd=64, intermediate_size=128)  # same shapes
     final = trained("adapter") / "final"
-    code, _, err = run_cli_in_process("generate/adapter.py", "--finetuned_dir", str(final), "--checkpoint_dir",
+    code, _, err = run_script_in_process("generate/adapter.py", "--finetuned_dir", str(final), "--checkpoint_dir",
                                       str(other), "--max_new_tokens", "2", monkeypatch=monkeypatch, capsys=capsys)
     assert_clean_error(code, err, "another base checkpoint", "--checkpoint_dir", str(other))
     with pytest.raises(CheckpointError, match="fingerprint"):
@@ -406,7 +393,7 @@ def test_adapter_weights_on_another_base_fail_the_fingerprint_check(trained, tmp
 
 def test_generate_lora_on_an_adapter_dir_names_the_right_script(trained, monkeypatch, capsys):
     final = trained("adapter") / "final"
-    code, _, err = run_cli_in_process("generate/lora.py", "--finetuned_dir", str(final), "--max_new_tokens", "2",
+    code, _, err = run_script_in_process("generate/lora.py", "--finetuned_dir", str(final), "--max_new_tokens", "2",
                                       monkeypatch=monkeypatch, capsys=capsys)
     assert_clean_error(code, err, "'adapter'", "'lora'", "generate/adapter.py")
 
@@ -424,7 +411,7 @@ def test_merged_checkpoint_matches_the_lora_model_and_is_a_normal_checkpoint(tra
 
     final = trained("lora") / "final"
     merged = tmp_path / "merged"
-    code, out, err = run_cli_in_process("scripts/merge_lora.py", "--finetuned_dir", str(final), "--out_dir",
+    code, out, err = run_script_in_process("scripts/merge_lora.py", "--finetuned_dir", str(final), "--out_dir",
                                         str(merged), monkeypatch=monkeypatch, capsys=capsys)
     assert code == 0, err
     for name in (WEIGHTS_FILE, "model_config.yaml", "tokenizer.json", "tokenizer_config.json"):
@@ -447,14 +434,14 @@ def test_merged_checkpoint_matches_the_lora_model_and_is_a_normal_checkpoint(tra
     # generate/base.py answers like the LoRA model did (greedy), with no LoRA code involved.
     instruction, answer = PAIRS[0]
     prompt = alpaca_prompt(instruction)
-    code, out, err = run_cli_in_process("generate/base.py", "--checkpoint_dir", str(merged), "--prompt", prompt,
+    code, out, err = run_script_in_process("generate/base.py", "--checkpoint_dir", str(merged), "--prompt", prompt,
                                         "--temperature", "0", "--max_new_tokens", "20", "--precision", "32-true",
                                         monkeypatch=monkeypatch, capsys=capsys)
     assert code == 0, err
     assert out[len(prompt):].strip() == answer
 
     hf_dir = tmp_path / "hf"
-    code, out, err = run_cli_in_process("scripts/convert_lit_checkpoint.py", "--checkpoint_dir", str(merged),
+    code, out, err = run_script_in_process("scripts/convert_lit_checkpoint.py", "--checkpoint_dir", str(merged),
                                         "--output_dir", str(hf_dir), monkeypatch=monkeypatch, capsys=capsys)
     assert code == 0, err
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in hf_dir.iterdir()}
@@ -465,7 +452,7 @@ def test_merged_checkpoint_matches_the_lora_model_and_is_a_normal_checkpoint(tra
 
 def test_merge_refuses_an_adapter_dir(trained, tmp_path, monkeypatch, capsys):
     final = trained("adapter") / "final"
-    code, _, err = run_cli_in_process("scripts/merge_lora.py", "--finetuned_dir", str(final), "--out_dir",
+    code, _, err = run_script_in_process("scripts/merge_lora.py", "--finetuned_dir", str(final), "--out_dir",
                                       str(tmp_path / "m"), monkeypatch=monkeypatch, capsys=capsys)
     assert_clean_error(code, err, "--finetuned_dir", "'adapter'", "generate/adapter.py")
     assert not (tmp_path / "m").exists()
@@ -493,7 +480,7 @@ def test_merge_on_a_tied_embedding_base(head, tmp_path, monkeypatch, capsys):
     hparams = {"method": "lora", "settings": {"head": head, "mlp": True}, "checkpoint_dir": str(tied),
                "base_fingerprint": base_fingerprint(tied)}
     (finetuned / "hyperparameters.yaml").write_text(yaml.safe_dump(hparams))
-    code, _, err = run_cli_in_process("scripts/merge_lora.py", "--finetuned_dir", str(finetuned), "--out_dir",
+    code, _, err = run_script_in_process("scripts/merge_lora.py", "--finetuned_dir", str(finetuned), "--out_dir",
                                       str(tmp_path / "m"), monkeypatch=monkeypatch, capsys=capsys)
     if head:
         assert_clean_error(code, err, "lm_head", "tied", "--lora_head false")
@@ -526,7 +513,7 @@ def test_merge_is_done_in_full_precision_and_keeps_the_base_dtype(tmp_path, monk
     save_safetensors(lora.state_dict_to_save(model), finetuned / "lora.safetensors")
     (finetuned / "hyperparameters.yaml").write_text(yaml.safe_dump(
         {"method": "lora", "settings": {"r": 4, "alpha": 8}, "checkpoint_dir": str(base_dir)}))
-    code, _, err = run_cli_in_process("scripts/merge_lora.py", "--finetuned_dir", str(finetuned), "--out_dir",
+    code, _, err = run_script_in_process("scripts/merge_lora.py", "--finetuned_dir", str(finetuned), "--out_dir",
                                       str(tmp_path / "m"), monkeypatch=monkeypatch, capsys=capsys)
     assert code == 0, err
     merged = load_file(tmp_path / "m" / WEIGHTS_FILE)

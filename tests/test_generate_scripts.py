@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import re
-import runpy
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from conftest import run_script_in_process
 from lit_gpt.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,17 +26,6 @@ def run(script: str, *args: str) -> subprocess.CompletedProcess:
         [sys.executable, script, *args], cwd=ROOT, capture_output=True, text=True, timeout=300
     )
 
-
-def run_in_process(script: str, *args: str, monkeypatch, capsys) -> tuple[int, str, str]:
-    """Run a script as __main__ in this process (no interpreter start-up): (exit code, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", [script, *args])
-    code = 0
-    try:
-        runpy.run_path(str(ROOT / script), run_name="__main__")
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_base_streams_a_greedy_completion_and_reports_stats(checkpoint_dir):
@@ -80,7 +69,7 @@ def test_chat_answers_one_prompt_with_the_chat_template(fresh_checkpoint_dir):
 
 
 def test_chat_without_a_template_says_to_use_base(checkpoint_dir, monkeypatch, capsys):
-    code, _, err = run_in_process(
+    code, _, err = run_script_in_process(
         "generate/chat.py", "--checkpoint_dir", str(checkpoint_dir), "--prompt", "hi", monkeypatch=monkeypatch, capsys=capsys
     )
     assert code != 0
@@ -97,13 +86,13 @@ def test_base_on_a_missing_checkpoint_dir_exits_without_a_traceback(tmp_path):
 
 @pytest.mark.parametrize("script", ["generate/base.py", "generate/chat.py"])
 def test_an_empty_checkpoint_dir_says_what_is_missing(tmp_path, script, monkeypatch, capsys):
-    code, out, err = run_in_process(script, "--checkpoint_dir", str(tmp_path), monkeypatch=monkeypatch, capsys=capsys)
+    code, out, err = run_script_in_process(script, "--checkpoint_dir", str(tmp_path), monkeypatch=monkeypatch, capsys=capsys)
     assert code != 0 and out == ""
     assert "is missing lit_model.safetensors, model_config.yaml" in err and "scripts/download.py" in err
 
 
 def test_bad_sampling_settings_fail_before_loading(checkpoint_dir, monkeypatch, capsys):
-    code, out, err = run_in_process(
+    code, out, err = run_script_in_process(
         "generate/base.py", "--checkpoint_dir", str(checkpoint_dir), "--top_p", "0",
         monkeypatch=monkeypatch, capsys=capsys,
     )

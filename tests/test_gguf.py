@@ -1,11 +1,12 @@
 """GGUF conversion: fast synthetic checks, plus slow checks on the real embedded SmolLM2-135M-Instruct GGUF."""
 
 import importlib.util
-from pathlib import Path
+import sys
 
 import pytest
 import torch
 
+from conftest import run_script_in_process
 from lit_gpt import GPT, Config
 from lit_gpt.checkpoint import load_into_model, load_weights_file
 from lit_gpt.gguf import (
@@ -322,18 +323,12 @@ def test_real_chat_answer_mentions_paris(smollm2):
 
 def test_convert_without_the_gguf_package_says_how_to_install_it(tmp_path, monkeypatch, capsys):
     """A missing package ends the conversion script with one line that names it and the fix, no traceback."""
-    import runpy
-    import sys
-
     monkeypatch.setitem(sys.modules, "gguf", None)  # `import gguf` now raises ImportError
+    monkeypatch.delenv("LIT_GPT_TRACEBACK", raising=False)
     gguf_file = tmp_path / "model.gguf"
     gguf_file.write_bytes(b"GGUF")
-    script = Path(__file__).resolve().parents[1] / "scripts" / "convert_gguf_checkpoint.py"
-    monkeypatch.setattr(sys, "argv", [str(script), "--checkpoint_dir", str(tmp_path / "out"), "--gguf_path", str(gguf_file)])
-    monkeypatch.delenv("LIT_GPT_TRACEBACK", raising=False)
-    with pytest.raises(SystemExit) as exit_info:
-        runpy.run_path(str(script), run_name="__main__")
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2
+    code, _, err = run_script_in_process("scripts/convert_gguf_checkpoint.py", "--checkpoint_dir", str(tmp_path / "out"),
+                                         "--gguf_path", str(gguf_file), monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 2
     assert err.startswith("error: ") and "`gguf` package" in err and "pip install" in err
     assert "Traceback" not in err
