@@ -32,11 +32,12 @@ an input-gradient matmul (4 N per token), the LM head counts only at supervised 
 causal (fwd + bwd = 6 L d n^2 per sample of n tokens, with each step's mean sample length), LoRA weights 6 N.
 
 The peers are benchmark-only dependencies, installed here, not by the project: two virtual environments
-under benchmarks/.venv-peers/ made with --system-site-packages (they reuse this torch; a constraints file
-pins it, so pip never installs another). litgpt 0.5.13 pins huggingface-hub<1.4 and jsonargparse<=4.41
+under benchmarks/.venv-peers/ that see, after their own installs, every package of the Python running this
+harness (this project, torch, lightning-fabric; see `ensure_venv`), and reuse its torch: a constraints file
+pins it, so pip never installs another. litgpt 0.5.13 pins huggingface-hub<1.4 and jsonargparse<=4.41
 (we have newer ones), and since Lightning imports transformers through torchmetrics, its environment also
-gets the transformers its own `extra` pins (<4.57); peft gets a second one, because transformers 5.x,
-which the hf peer is about, needs huggingface-hub>=1.31.
+gets the transformers its own `extra` pins (<4.57); peft gets a second one, with the transformers 5.x that
+the hf peer is about (pinned to the version the project tests against), which needs huggingface-hub>=1.31.
 
 A round costs each tool its loading plus (warmup + steps) x its step time: on this 2-core CPU, 40-70 s per
 tool for LoRA with --warmup 2 --steps 6 (3-5 s a step), so `--repeats 2` over three tools takes ~6 min,
@@ -57,6 +58,7 @@ import os
 import platform
 import re
 import shutil
+import site
 import statistics
 import subprocess
 import sys
@@ -74,11 +76,14 @@ from lit_gpt.utils import precision_to_dtype
 ROOT = Path(__file__).resolve().parents[1]
 LITGPT_VERSION = "0.5.13"
 PEFT_VERSION = "0.21.2"
+TRANSFORMERS_VERSION = "5.23.0"  # the hf peer; the version of the project's `test` extra
 # What each peer environment installs (besides what it reuses from this Python's site-packages).
 PEER_PACKAGES = {
     "litgpt": [f"litgpt=={LITGPT_VERSION}", "transformers>=4.51.3,<4.57"],
-    "hf": [f"peft=={PEFT_VERSION}"],
+    "hf": [f"peft=={PEFT_VERSION}", f"transformers=={TRANSFORMERS_VERSION}"],
 }
+# A peer environment's .pth file that adds the harness's site-packages directories (see `ensure_venv`).
+PEER_PTH = "_harness_site_packages.pth"
 TOOLS = ("ours", "litgpt", "hf")
 METHODS = ("lora", "adapter", "adapter_v2")
 FAR = 100_000  # an interval no run reaches: no evaluation or checkpoint inside the measured steps
@@ -95,20 +100,59 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def ensure_venv(venv: Path, packages: list[str]) -> Path:
-    """Create `venv` (reusing this interpreter's packages) and pip-install `packages` into it; return its bin/.
+def site_dirs() -> list[str]:
+    """This interpreter's site-packages directories, in the order of its `sys.path`.
 
+    In a virtual environment these are its own (plus the base interpreter's when it was made with
+    --system-site-packages); for a plain interpreter, the system ones and the user's where enabled.
+    """
+    known = {os.path.realpath(d) for d in site.getsitepackages()}
+    if site.ENABLE_USER_SITE:
+        known.add(os.path.realpath(site.getusersitepackages()))
+    dirs: list[str] = []
+    for entry in sys.path:
+        real = os.path.realpath(entry) if entry else ""
+        if real in known and real not in dirs and os.path.isdir(real):
+            dirs.append(real)
+    return dirs
+
+
+def peer_pth(dirs: list[str]) -> str:
+    """The .pth file that lets a peer environment see `dirs` after its own site-packages.
+
+    `site.addsitedir` (not a bare path line) also runs the .pth files found there, which is how editable
+    installs (`pip install -e .`) put the project on the path.
+    """
+    return "".join(f"import site; site.addsitedir({d!r})\n" for d in dirs)
+
+
+def ensure_venv(venv: Path, packages: list[str]) -> Path:
+    """Create `venv` for a peer, pip-install `packages` into it and return its bin/.
+
+    The peer sees its own installs first, then every package of the Python running this harness: a .pth
+    file in its site-packages adds this interpreter's site-packages directories (`site_dirs`). So the peer
+    imports this project and its dependencies from a user's virtual environment too, where
+    `venv --system-site-packages` would expose the base interpreter's packages instead of the user's.
     torch (and lightning, where this interpreter has it) is pinned to this interpreter's version through a
-    constraints file, so no peer can pull in another build. A stamp file skips the install when the same
-    packages were installed before.
+    constraints file, so no peer can pull in another build. A stamp records the packages and the directories
+    the peer sees; on any difference (other packages, another interpreter, a peer made by older code) the
+    environment is made again from scratch.
     """
     stamp, bin_dir = venv / "installed.json", venv / "bin"
     torch_version = torch.__version__.split("+")[0]
-    wanted = {"packages": packages, "torch": torch_version}
+    dirs = site_dirs()
+    wanted = {"packages": packages, "torch": torch_version, "site_dirs": dirs}
     if stamp.is_file() and json.loads(stamp.read_text()) == wanted and (bin_dir / "python").exists():
         return bin_dir
-    log(f"creating the peer environment {venv} with {' '.join(packages)}")
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+    log(f"creating the peer environment {venv} with {' '.join(packages) or 'no packages of its own'}")
+    subprocess.run([sys.executable, "-m", "venv", "--clear", "--without-pip", str(venv)], check=True)
+    python = str(bin_dir / "python")
+    if packages:  # the peer's own pip, installed before the peer sees ours (which may be older, or missing)
+        subprocess.run([python, "-m", "ensurepip", "--upgrade", "--default-pip"], check=True,
+                       stdout=subprocess.DEVNULL)
+    purelib = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             check=True, capture_output=True, text=True).stdout.strip()
+    (Path(purelib) / PEER_PTH).write_text(peer_pth(dirs))
     pins = [f"torch=={torch_version}"]
     try:  # litgpt needs the whole `lightning` bundle, which we do not (we use lightning-fabric)
         pins.append(f"lightning=={importlib.metadata.version('lightning')}")
@@ -116,12 +160,22 @@ def ensure_venv(venv: Path, packages: list[str]) -> Path:
         pass
     constraints = venv / "constraints.txt"
     constraints.write_text("\n".join(pins) + "\n")
-    pip = [str(bin_dir / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check", "-c", str(constraints)]
-    done = subprocess.run([*pip, *packages], capture_output=True, text=True)
+    if packages:
+        pip = [python, "-m", "pip", "install", "-q", "--disable-pip-version-check", "-c", str(constraints)]
+        done = subprocess.run([*pip, *packages], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"pip could not install {packages} into {venv}:\n{done.stdout}{done.stderr}")
+    # The torch and the lit_gpt the peer would import (found, not imported: that takes seconds), checked away
+    # from the repository, whose lit_gpt/ would otherwise be found in the working directory.
+    check = ("import importlib.metadata, importlib.util; v = importlib.metadata.version('torch').split('+')[0]; "
+             f"assert v == {torch_version!r}, f'torch {{v}}'; "
+             "assert importlib.util.find_spec('lit_gpt'), 'No module named lit_gpt'")
+    done = subprocess.run([python, "-c", check], capture_output=True, text=True, cwd=venv)
     if done.returncode != 0:
-        raise RuntimeError(f"pip could not install {packages} into {venv}:\n{done.stdout}{done.stderr}")
-    check = f"import torch; assert torch.__version__.split('+')[0] == {torch_version!r}, torch.__version__"
-    subprocess.run([str(bin_dir / "python"), "-c", check], check=True)
+        raise RuntimeError(
+            f"the peer environment {venv} cannot import this torch ({torch_version}) and this project from "
+            f"{sys.executable}'s site-packages {dirs}:\n{done.stderr.strip()}\nRun the harness with the Python "
+            f"where the project is installed (pip install -e .), or pass --peer_python.")
     stamp.write_text(json.dumps(wanted))
     return bin_dir
 

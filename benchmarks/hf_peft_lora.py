@@ -2,7 +2,7 @@
 
 It trains on the data `finetune/lora.py` sees, the way a plain loop (or the HF Trainer, whose
 `group_by_length` is off by default) would: the prepared train.safetensors read with
-`lit_gpt.data.load_prepared`, in shuffled order (`lit_gpt.training.BatchStream` with length grouping off,
+`lit_gpt.data.load_prepared`, in shuffled order (`lit_gpt.data.BatchStream` with length grouping off,
 same seed, micro and global batch size), right-padded to each batch's longest sample by
 `lit_gpt.data.collate`, with -100 wherever no loss is wanted. `--group_by_length true` gives it our
 length-grouped order instead. With the same order, seed and `--lora_dropout 0`, its batches and losses
@@ -31,8 +31,8 @@ from pathlib import Path
 import torch
 
 from lit_gpt.args import TrainArgs
-from lit_gpt.data import TRAIN_FILE, load_prepared
-from lit_gpt.training import BatchStream, lr_at, set_lr
+from lit_gpt.data import TRAIN_FILE, BatchStream, load_prepared
+from lit_gpt.training import lr_at, set_lr
 
 
 def _bool(text: str) -> bool:
@@ -105,7 +105,7 @@ def main(argv=None) -> dict:
         group_by_length=args.group_by_length,
     )
     train.validate(devices=1)
-    stream = BatchStream(load_prepared(args.data_dir / TRAIN_FILE), train, rank=0, world_size=1)
+    stream = BatchStream(load_prepared(args.data_dir / TRAIN_FILE), train, rank=0, world_size=1, device_type="cpu")
 
     steps = []
     for step in range(args.steps):

@@ -19,8 +19,6 @@ import time
 from pathlib import Path
 from typing import Optional
 
-import torch
-
 from lit_gpt.cli import run_cli
 from lit_gpt.evaluation import (
     ANSWER_TYPES,
@@ -31,7 +29,7 @@ from lit_gpt.evaluation import (
     load_eval_records,
     summarize,
 )
-from lit_gpt.utils import choose_device_type, choose_precision, precision_to_dtype
+from lit_gpt.loading import start_inference
 
 
 def main(
@@ -72,11 +70,8 @@ def main(
         raise ValueError(f"--answer_type must be one of {', '.join(ANSWER_TYPES)} (or unset to detect it), got {answer_type!r}.")
     records = load_eval_records(data_file, answer_field=answer_field, limit=limit)
     answer_type = answer_type or answer_type_of([r.answer for r in records], source=str(data_file))
-    device_type = choose_device_type()
-    precision = choose_precision(precision, device_type)
-    model, tokenizer, what = load_eval_model(
-        checkpoint_dir, finetuned_dir, method, device=torch.device(device_type), dtype=precision_to_dtype(precision)
-    )
+    runtime = start_inference(precision)
+    model, tokenizer, what = load_eval_model(checkpoint_dir, finetuned_dir, method, runtime.device, runtime.dtype)
     if out_dir is None:
         name = (finetuned_dir.parent.name if finetuned_dir.name == "final" else finetuned_dir.name) if finetuned_dir else checkpoint_dir.name
         out_dir = Path("out/eval") / f"{name}-{Path(data_file).stem}"
@@ -93,7 +88,7 @@ def main(
         "answer_type": answer_type,
         "max_new_tokens": max_new_tokens,
         "batch_size": batch_size,
-        "precision": precision,
+        "precision": runtime.precision,
         "seconds": round(seconds, 2),
     }
     with open(out_dir / "predictions.jsonl", "w") as f:

@@ -17,14 +17,12 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from lightning_fabric import Fabric
-
 from lit_gpt.args import EvalArgs, TrainArgs
 from lit_gpt.cli import run_cli
-from lit_gpt.data import TRAIN_FILE, VAL_FILE, check_prepared_data, load_prepared
+from lit_gpt.data import TRAIN_FILE, VAL_FILE, check_prepared_data, load_prepared, uses_shared_prefix
 from lit_gpt.evaluation import load_eval_model
-from lit_gpt.training import uses_shared_prefix, validate
-from lit_gpt.utils import choose_device_type, choose_precision, precision_to_dtype
+from lit_gpt.loading import start_inference
+from lit_gpt.training import validate
 
 
 def main(
@@ -59,20 +57,16 @@ def main(
     dataset = load_prepared(path)
     if len(dataset) == 0:
         raise ValueError(f"{path} holds no samples; prepare the data with a nonzero --val_split_fraction.")
-    device_type = choose_device_type()
-    precision = choose_precision(precision, device_type)
-    fabric = Fabric(accelerator=device_type, devices=1, precision=precision)
-    model, tokenizer, what = load_eval_model(
-        checkpoint_dir, finetuned_dir, method, device=fabric.device, dtype=precision_to_dtype(precision)
-    )
+    runtime = start_inference(precision)
+    model, tokenizer, what = load_eval_model(checkpoint_dir, finetuned_dir, method, runtime.device, runtime.dtype)
     check_prepared_data(dataset, tokenizer.checkpoint_dir, path)
     n_batches = math.ceil(len(dataset) / batch_size)
     max_batches = min(max_batches or n_batches, n_batches)
     print(f"Loss of {what} on {min(len(dataset), max_batches * batch_size)} {split} samples of {data_dir}")
     start = time.perf_counter()
     # Each batch's shared prompt template is computed once where training's default does so (same loss, faster).
-    loss = validate(fabric, model, dataset, EvalArgs(max_iters=max_batches), batch_size,
-                    share_prefix=uses_shared_prefix(TrainArgs(), fabric.device.type))
+    loss = validate(runtime.fabric, model, dataset, EvalArgs(max_iters=max_batches), batch_size,
+                    share_prefix=uses_shared_prefix(TrainArgs(), runtime.device_type))
     result = {
         "loss": loss,
         "perplexity": math.exp(loss),

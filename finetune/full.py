@@ -20,18 +20,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-import torch
-
-from lit_gpt.cli import run_cli
+from lit_gpt import training
 from lit_gpt.args import EvalArgs, TrainArgs
-from lit_gpt.checkpoint import WEIGHTS_FILE, model_state_dict
+from lit_gpt.checkpoint import WEIGHTS_FILE, base_fingerprint, model_state_dict
+from lit_gpt.cli import run_cli
 from lit_gpt.config import Config
 from lit_gpt.data import load_prepared_dir
-from lit_gpt.quantize import build_base_for_training
+from lit_gpt.loading import load_base_model
+from lit_gpt.outputs import save_output_dir
+from lit_gpt.peft import FULL
 from lit_gpt.tokenizer import Tokenizer
-from lit_gpt import training
-from lit_gpt.training import BatchStream, DataPosition, ProgressLog
-from lit_gpt.utils import choose_precision
+from lit_gpt.utils import precision_to_dtype
 
 
 def setup(
@@ -57,96 +56,30 @@ def setup(
         resume: continue the run in out_dir from its last saved state (same flags as the original run).
     """
     settings = None  # every weight trains: nothing to configure
-    hparams = training.run_hyperparameters(
-        "full", settings, checkpoint_dir=checkpoint_dir, data_dir=data_dir, devices=devices, train=train, eval=eval
-    )
-    training.check_run_args(checkpoint_dir, data_dir, out_dir, devices, train, eval, resume)
-    hparams["precision"] = precision = choose_precision(precision, training.accelerator())
-    fabric = training.setup_fabric(devices, precision, strategy)
+    fabric, hparams = training.start_run(FULL, settings, checkpoint_dir, data_dir, out_dir, precision,
+                                         devices, strategy, resume, None, train, eval)
     fabric.launch(main, checkpoint_dir, data_dir, out_dir, resume, settings, train, eval, hparams)
 
 
 def main(fabric, checkpoint_dir, data_dir, out_dir, resume, settings, train, eval, hparams) -> None:
     fabric.seed_everything(train.seed)
-    config = Config.from_checkpoint(checkpoint_dir)
     tokenizer = Tokenizer(checkpoint_dir)
-    train_data, val_data = load_prepared_dir(data_dir, tokenizer=tokenizer, block_size=config.block_size)
+    block_size = Config.from_checkpoint(checkpoint_dir).block_size
+    train_data, val_data = load_prepared_dir(data_dir, tokenizer=tokenizer, block_size=block_size)
 
-    model = build_base_for_training(fabric, checkpoint_dir, hparams["precision"], hparams.get("quantize"))
-    training.report_parameters(fabric, model)
+    model, _ = load_base_model(checkpoint_dir, dtype=precision_to_dtype(hparams["precision"]),
+                               quantize=hparams["quantize"], fabric=fabric)
 
-    optimizer = training.adamw(model, train, fabric)
-    raw_model = model
-    model, optimizer = fabric.setup(training.prepare_model_for_training(model, train), optimizer)
-
-    step, position = 0, DataPosition()
-    if resume:
-        step, position = training.load_resume_state(fabric, out_dir, raw_model, optimizer)
-        fabric.print(f"Resuming from step {step} (epoch {position.epoch}, sample {position.index}).")
-    fit(fabric, model, raw_model, optimizer, tokenizer, train_data, val_data, out_dir, train, eval, step, position,
-        save=lambda directory: save(fabric, raw_model, directory, hparams, checkpoint_dir))
-    save(fabric, raw_model, out_dir / "final", hparams, checkpoint_dir)
+    training.fit(fabric, model, tokenizer, train_data, val_data, out_dir, train, eval, resume,
+                 save=lambda directory: save(fabric, model, directory, hparams, checkpoint_dir))
+    save(fabric, model, out_dir / "final", hparams, checkpoint_dir)
     training.finish(fabric, out_dir)
-
-
-def fit(fabric, model, raw_model, optimizer, tokenizer, train_data, val_data, out_dir, train, eval, step, position,
-        save) -> None:
-    """The training loop. Identical in every finetune script (tests/test_script_hygiene.py checks)."""
-    total_steps = train.total_steps(len(train_data))
-    stream = BatchStream(train_data, train, fabric.global_rank, fabric.world_size)
-    stream.position = position
-    progress = ProgressLog(fabric, out_dir, total_steps, start_step=step)
-    if step == 0:
-        with progress.paused():  # time outside the training steps stays out of the reported speed
-            val_loss = training.validate(fabric, model, val_data, eval, train.micro_batch_size, stream.share_prefix)
-        progress.log(0, {"val_loss": val_loss})
-        progress.write(f"step 0: val loss {val_loss:.4f}")
-    running_loss = torch.zeros((), device=fabric.device)
-    while step < total_steps:
-        training.set_lr(optimizer, training.lr_at(step, train, total_steps))
-        micro_batches = stream.next_step()
-        # Weight each micro-batch by its share of the step's loss-carrying tokens (over all devices), so the
-        # loss is the same token mean whatever the micro batch size, accumulation or device count.
-        step_supervised = training.global_sum(fabric, sum(b.supervised for b in micro_batches))
-        for i, batch in enumerate(micro_batches):
-            weight = batch.supervised * fabric.world_size / max(step_supervised, 1)
-            with fabric.no_backward_sync(model, enabled=i < len(micro_batches) - 1):
-                loss = model(**batch.model_inputs(fabric.device)) * weight
-                fabric.backward(loss)
-            running_loss += loss.detach()
-        if train.grad_clip > 0:
-            fabric.clip_gradients(model, optimizer, max_norm=train.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        progress.update(1, sum(b.tokens for b in micro_batches), sum(b.supervised for b in micro_batches))
-        if step % train.log_interval == 0 or step == total_steps:
-            steps_logged = step % train.log_interval or train.log_interval
-            train_loss = float(fabric.all_reduce(running_loss, reduce_op="sum")) / fabric.world_size / steps_logged
-            running_loss.zero_()
-            progress.log(step, {"train_loss": train_loss, "lr": optimizer.param_groups[0]["lr"], **progress.throughput()},
-                         show=True)
-        if step % eval.interval == 0 or step == total_steps:
-            with progress.paused():
-                val_loss = training.validate(fabric, model, val_data, eval, train.micro_batch_size,
-                                             stream.share_prefix)
-                prompt, response = training.sample_response(raw_model, tokenizer, val_data, eval.max_new_tokens,
-                                                            fabric.device)
-            progress.log(step, {"val_loss": val_loss}, show=True)
-            progress.write(f"step {step}: val loss {val_loss:.4f}\n{prompt}{response}")
-        if step % train.save_interval == 0 and step < total_steps:
-            with progress.paused():
-                save(out_dir / f"step-{step:06d}")
-                training.save_resume_state(fabric, out_dir, raw_model, optimizer, step, stream.position)
-    progress.close()
 
 
 def save(fabric, model, directory: Path, hparams: dict, checkpoint_dir: Path) -> None:
     """Save all weights as a normal checkpoint directory, with what describes them."""
-    training.save_output_dir(
-        fabric, directory, model_state_dict(model), WEIGHTS_FILE,
-        {**hparams, "base_fingerprint": training.base_fingerprint(checkpoint_dir)}, checkpoint_dir,
-    )
+    save_output_dir(fabric, directory, model_state_dict(model), WEIGHTS_FILE,
+                    {**hparams, "base_fingerprint": base_fingerprint(checkpoint_dir)}, checkpoint_dir)
 
 
 if __name__ == "__main__":

@@ -15,15 +15,12 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from lightning_fabric import Fabric
-import torch
-
 from lit_gpt.checkpoint import check_valid_checkpoint_dir
 from lit_gpt.cli import run_cli
-from lit_gpt.generation import check_sampling_args, generate, load_model, stream_text
-from lit_gpt.quantize import check_quantize
+from lit_gpt.generation import check_sampling_args, generate, stream_text
+from lit_gpt.loading import load_base_model, start_inference
 from lit_gpt.tokenizer import Tokenizer
-from lit_gpt.utils import choose_device_type, choose_precision, peak_memory, precision_to_dtype
+from lit_gpt.utils import peak_memory
 
 
 def main(
@@ -61,22 +58,16 @@ def main(
     if num_samples < 1:
         raise ValueError(f"--num_samples must be at least 1, got {num_samples}.")
     check_sampling_args(temperature, top_k, top_p)
-    device_type = choose_device_type()
-    precision = choose_precision(precision, device_type)
-    quantize = check_quantize(quantize, device_type, precision)
-    fabric = Fabric(accelerator=device_type, devices=1, precision=precision)
-    torch.manual_seed(seed)
+    runtime = start_inference(precision, quantize, seed)
 
     tokenizer = Tokenizer(checkpoint_dir)
     start = time.perf_counter()
-    model, config = load_model(
-        checkpoint_dir, device=fabric.device, dtype=precision_to_dtype(precision), quantize=quantize
-    )
-    model = fabric.setup_module(model)
+    model, config = load_base_model(checkpoint_dir, runtime.device, runtime.dtype, runtime.quantize)
+    model = runtime.fabric.setup_module(model)
     print(f"Loaded {config.name} from {checkpoint_dir} in {time.perf_counter() - start:.2f} s "
-          f"({device_type}, {precision}).", file=sys.stderr)
+          f"({runtime.device_type}, {runtime.precision}).", file=sys.stderr)
 
-    encoded = tokenizer.encode(prompt).to(fabric.device)  # (T,)
+    encoded = tokenizer.encode(prompt).to(runtime.device)  # (T,)
     for i in range(num_samples):
         tokens = generate(
             model, encoded, max_new_tokens,
@@ -88,11 +79,10 @@ def main(
         sys.stdout.flush()
         print(
             f"Sample {i + 1}/{num_samples}: {n_tokens} tokens in {seconds:.2f} s, "
-            f"{n_tokens / max(seconds, 1e-9):.2f} tokens/s; peak memory {peak_memory(fabric.device)}",
+            f"{n_tokens / max(seconds, 1e-9):.2f} tokens/s; peak memory {peak_memory(runtime.device)}",
             file=sys.stderr,
         )
 
 
 if __name__ == "__main__":
-    torch.set_float32_matmul_precision("high")
     run_cli(main)

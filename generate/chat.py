@@ -16,15 +16,12 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from lightning_fabric import Fabric
-import torch
-
 from lit_gpt.checkpoint import check_valid_checkpoint_dir
 from lit_gpt.cli import run_cli
-from lit_gpt.generation import check_sampling_args, generate, load_model, stream_text
-from lit_gpt.quantize import check_quantize
+from lit_gpt.generation import check_sampling_args, generate, stream_text
+from lit_gpt.loading import load_base_model, start_inference
 from lit_gpt.tokenizer import Tokenizer
-from lit_gpt.utils import choose_device_type, choose_precision, peak_memory, precision_to_dtype
+from lit_gpt.utils import peak_memory
 
 
 def main(
@@ -68,21 +65,15 @@ def main(
             f"(e.g. SmolLM2-135M-Instruct), or complete raw text with `python generate/base.py --checkpoint_dir "
             f"{checkpoint_dir} --prompt \"...\"`."
         )
-    device_type = choose_device_type()
-    precision = choose_precision(precision, device_type)
-    quantize = check_quantize(quantize, device_type, precision)
-    fabric = Fabric(accelerator=device_type, devices=1, precision=precision)
-    torch.manual_seed(seed)
-    model, config = load_model(
-        checkpoint_dir, device=fabric.device, dtype=precision_to_dtype(precision), quantize=quantize
-    )
-    model = fabric.setup_module(model)
+    runtime = start_inference(precision, quantize, seed)
+    model, config = load_base_model(checkpoint_dir, runtime.device, runtime.dtype, runtime.quantize)
+    model = runtime.fabric.setup_module(model)
 
     history: list[dict[str, str]] = [] if system is None else [{"role": "system", "content": system}]
     interactive = prompt is None
     if interactive:
-        print(f"Chatting with {config.name} ({device_type}, {precision}). /reset clears the history, /exit or "
-              "Ctrl-D quits.", file=sys.stderr)
+        print(f"Chatting with {config.name} ({runtime.device_type}, {runtime.precision}). /reset clears the history, "
+              "/exit or Ctrl-D quits.", file=sys.stderr)
     while True:
         if interactive:
             try:
@@ -111,7 +102,7 @@ def main(
             continue
 
         tokens = generate(
-            model, encoded.to(fabric.device), max_new_tokens,
+            model, encoded.to(runtime.device), max_new_tokens,
             temperature=temperature, top_k=top_k, top_p=top_p, stop_ids=tokenizer.stop_ids, compile=compile,
         )
         if interactive:
@@ -121,7 +112,7 @@ def main(
         sys.stdout.flush()
         history.append({"role": "assistant", "content": reply.strip()})
         print(f"({n_tokens} tokens in {seconds:.2f} s, {n_tokens / max(seconds, 1e-9):.2f} tokens/s; "
-              f"peak memory {peak_memory(fabric.device)})", file=sys.stderr)
+              f"peak memory {peak_memory(runtime.device)})", file=sys.stderr)
         if not interactive:
             return
 
@@ -145,5 +136,4 @@ def encode_conversation(tokenizer: Tokenizer, history: list[dict[str, str]], blo
 
 
 if __name__ == "__main__":
-    torch.set_float32_matmul_precision("high")
     run_cli(main)

@@ -32,7 +32,11 @@ import torch.nn as nn
 from lit_gpt.config import Config
 from lit_gpt.model import GPT, CausalSelfAttention
 from lit_gpt.quantize import weight_dtype
-from lit_gpt.peft import declared_parameter_names, mark_only_trainable, select_state
+from lit_gpt.parameters import declared_parameter_names, mark_only_trainable, select_state
+
+
+NAME = "adapter"  # as hyperparameters.yaml records the method
+WEIGHTS_FILE = "adapter.safetensors"  # what finetune/adapter.py saves: the trained tensors only
 
 
 @dataclass
@@ -49,7 +53,7 @@ class AdapterSettings:
             raise ValueError(f"Adapter start_layer must be >= 0, got {self.start_layer}.")
 
 
-Settings = AdapterSettings  # the name lit_gpt.peft looks up
+Settings = AdapterSettings  # the contract's name for it (lit_gpt.peft)
 
 
 class AdapterAttention(CausalSelfAttention):

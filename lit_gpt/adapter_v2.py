@@ -23,9 +23,13 @@ import torch.nn as nn
 
 from lit_gpt import adapter, quantize
 from lit_gpt.model import GPT, RMSNorm
-from lit_gpt.peft import declared_parameter_names, mark_only_trainable, select_state
+from lit_gpt.parameters import declared_parameter_names, mark_only_trainable, select_state
 
 NORM_TYPES = (nn.LayerNorm, RMSNorm)  # whole modules of these types train in Adapter v2
+
+
+NAME = "adapter_v2"  # as hyperparameters.yaml records the method
+WEIGHTS_FILE = "adapter_v2.safetensors"  # what finetune/adapter_v2.py saves: the trained tensors only
 
 
 @dataclass
@@ -36,7 +40,7 @@ class AdapterV2Settings(adapter.AdapterSettings):
     """
 
 
-Settings = AdapterV2Settings  # the name lit_gpt.peft looks up
+Settings = AdapterV2Settings  # the contract's name for it (lit_gpt.peft)
 
 
 class AdapterV2Linear(nn.Module):

@@ -89,10 +89,6 @@ class TrainArgs:
                 f"--train.micro_batch_size ({self.micro_batch_size}) x --devices ({devices}) = {per_step}."
             )
 
-    def gradient_accumulation_steps(self, devices: int) -> int:
-        """Micro-batches each device accumulates per optimizer step."""
-        return self.global_batch_size // (self.micro_batch_size * devices)
-
     def total_steps(self, num_train_samples: int) -> int:
         """Optimizer steps of the whole run: max_steps, or enough steps for `epochs` passes over the data."""
         if self.max_steps is not None:

@@ -12,6 +12,7 @@ Nothing here unpickles arbitrary objects: weights are safetensors, and `.bin`/`.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -200,3 +201,61 @@ def file_fingerprint(path: str | Path, chunk: int = 1 << 20) -> str:
             f.seek(-chunk, os.SEEK_END)
             h.update(f.read(chunk))
     return h.hexdigest()[:16]
+
+
+def base_fingerprint(checkpoint_dir: str | Path) -> str:
+    """Identifies a checkpoint's weights, so finetuned weights cannot silently be loaded onto another model."""
+    return file_fingerprint(Path(checkpoint_dir) / WEIGHTS_FILE)
+
+
+# --- reading a safetensors file one tensor at a time ----------------------------------------------------
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
+
+
+def safetensors_header(path: str | Path) -> dict[str, dict]:
+    """{name: {"dtype", "shape", "data_offsets", "start"}} of a safetensors file, from its documented JSON header.
+
+    `start` is the tensor's absolute byte offset in the file (what `read_tensor` seeks to).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"Weights file {str(path)!r} does not exist.")
+    file_size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            if not 0 < size <= file_size - 8:
+                raise ValueError(f"a header of {size} bytes in a file of {file_size}")
+            header = json.loads(f.read(size))
+        header.pop("__metadata__", None)
+        tensors = {name: {**info, "start": 8 + size + info["data_offsets"][0]} for name, info in header.items()}
+        end = max((8 + size + info["data_offsets"][1] for info in header.values()), default=8 + size)
+        if end > file_size:
+            raise ValueError(f"its tensors need {end} bytes, the file has {file_size}")
+        unknown = sorted({info["dtype"] for info in header.values()} - set(SAFETENSORS_DTYPES))
+        if unknown:
+            raise ValueError(f"tensors of dtype {unknown}, which this reader does not know")
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+        raise CheckpointError(
+            f"Cannot read weights file {str(path)!r} ({e}). The file is truncated or corrupt: "
+            "download or convert it again."
+        ) from None
+    return tensors
+
+
+def read_tensor(f, info: dict) -> torch.Tensor:
+    """One tensor of an open safetensors file (`info` from `safetensors_header`), read with a plain file read.
+
+    No mmap: the process never maps the whole file, so its resident memory holds only what was read and kept.
+    """
+    start, end = info["data_offsets"]
+    dtype = SAFETENSORS_DTYPES[info["dtype"]]
+    if end == start:
+        return torch.empty(info["shape"], dtype=dtype)
+    f.seek(info["start"])
+    buffer = bytearray(end - start)
+    f.readinto(buffer)
+    return torch.frombuffer(buffer, dtype=dtype).reshape(info["shape"])

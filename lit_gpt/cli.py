@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from jsonargparse import CLI
 
@@ -16,12 +16,13 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
-def run_cli(function: Callable[..., Any]) -> Any:
+def run_cli(function: Callable[..., Any], defaults: Optional[dict[str, Any]] = None) -> Any:
     """Parse `sys.argv` into `function`'s typed arguments (`--help`, `--config file.yaml`, `--print_config`)
-    and run it. A user error exits with status 2 and its message on stderr, without a traceback
-    (set LIT_GPT_TRACEBACK=1 to see one)."""
+    and run it. `defaults` replaces some of the function's default values (a thin entry point such as
+    generate/lora.py sets its method this way). A user error exits with status 2 and its message on stderr,
+    without a traceback (set LIT_GPT_TRACEBACK=1 to see one)."""
     try:
-        return CLI(function, as_positional=False)
+        return CLI(function, as_positional=False, set_defaults=defaults)
     except USER_ERRORS as error:
         if os.environ.get("LIT_GPT_TRACEBACK"):
             raise

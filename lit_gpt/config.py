@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import difflib
 import json
-import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -141,27 +140,6 @@ class Config:
         if not isinstance(hf_config, dict):
             hf_config = json.loads(Path(hf_config).read_text())
         return config_from_hf(cls, hf_config, name=name)
-
-
-def find_multiple(n: int, k: int) -> int:
-    """Smallest multiple of ``k`` that is >= ``n``."""
-    return n if n % k == 0 else n + k - (n % k)
-
-
-def count_parameters(config: Config) -> int:
-    """Number of parameters of ``GPT(config)``, a tied embedding counted once.
-
-    Builds the model on the meta device, so no memory is allocated: a 70B config is counted in a blink.
-    Equal to transformers' ``model.num_parameters()`` for the same checkpoint. (The hub's "params" badge
-    counts the tensors stored in the files, so it is larger where a file stores a tied lm_head too.)
-    """
-    import torch
-
-    from lit_gpt.model import GPT  # model.py imports this module
-
-    with torch.device("meta"):
-        model = GPT(config)
-    return sum(p.numel() for p in model.parameters())  # parameters() yields a shared tensor once
 
 
 # ------------------------------------------------------------------------------------------------------

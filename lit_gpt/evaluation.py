@@ -24,9 +24,15 @@ from typing import Any, Iterable, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
+from tqdm import tqdm
 
-from lit_gpt.data import DataError, _read
+from lit_gpt.data import DataError
+from lit_gpt.generation import generate_batch
+from lit_gpt.loading import COMPLETE_CHECKPOINT_METHODS, load_base_model, load_finetuned
+from lit_gpt.peft import FULL
+from lit_gpt.prepare import read_records_with_locations
 from lit_gpt.prompts import alpaca_prompt
+from lit_gpt.tokenizer import Tokenizer
 
 PathLike = Union[str, Path]
 ANSWER_TYPES = ("number", "choice")
@@ -144,7 +150,7 @@ def load_eval_records(path: PathLike, answer_field: str = "answer", limit: Optio
     text, or a letter A-E). Raises DataError naming the file and the record otherwise. `limit` keeps the
     first N records (checked first, so a bad record beyond them does not matter).
     """
-    records, where = _read(path)
+    records, where = read_records_with_locations(path)
     if limit is not None:
         if limit < 1:
             raise DataError(f"--limit must be at least 1, got {limit}.")
@@ -181,49 +187,21 @@ def load_eval_model(
 ):
     """(model in eval mode, Tokenizer, a one-line description) for a base checkpoint or a finetune output dir.
 
-    With `finetuned_dir`, the method is read from its hyperparameters.yaml ("lora", "adapter", "adapter_v2"
-    or "full"); `method`, when given, must agree (a clear error otherwise). `checkpoint_dir` then overrides
-    the base checkpoint recorded by the run. Without `finetuned_dir`, `checkpoint_dir` is evaluated as is.
+    With `finetuned_dir`, the method is read from its hyperparameters.yaml (see `lit_gpt.loading.load_finetuned`);
+    `method`, when given, must agree (a clear error otherwise). `checkpoint_dir` then overrides the base checkpoint
+    recorded by the run. Without `finetuned_dir`, `checkpoint_dir` is evaluated as is.
     """
-    from lit_gpt.checkpoint import check_valid_checkpoint_dir
-    from lit_gpt.generation import load_model
-    from lit_gpt.peft import WEIGHTS_FILES, load_finetuned, read_hyperparameters
-    from lit_gpt.tokenizer import Tokenizer
-
     if finetuned_dir is None:
         if checkpoint_dir is None:
             raise ValueError("Pass --checkpoint_dir (a base checkpoint) or --finetuned_dir (a finetune output dir).")
         if method is not None:
             raise ValueError(f"--method {method} needs --finetuned_dir (the output directory of that finetune run).")
-        model, _ = load_model(checkpoint_dir, device=device, dtype=dtype)
+        model, _ = load_base_model(checkpoint_dir, device, dtype)
         return model, Tokenizer(checkpoint_dir), f"base checkpoint {checkpoint_dir}"
-    finetuned_dir = Path(finetuned_dir)
-    if not finetuned_dir.is_dir():
-        raise FileNotFoundError(
-            f"--finetuned_dir {str(finetuned_dir)!r} does not exist. Pass the output directory of a finetune run, "
-            "e.g. out/lora/final."
-        )
-    hparams = read_hyperparameters(finetuned_dir)
-    saved = hparams.get("method")
-    known = sorted([*WEIGHTS_FILES, "full"])
-    if saved not in known:
-        raise ValueError(f"{finetuned_dir / 'hyperparameters.yaml'} names method {saved!r}; known methods: {known}.")
-    if method is not None and method != saved:
-        raise ValueError(
-            f"{finetuned_dir} holds {saved!r} weights, not {method!r} (see its hyperparameters.yaml). Drop --method: "
-            "the method is read from that file."
-        )
-    if saved == "full":
-        model, _ = load_model(check_valid_checkpoint_dir(finetuned_dir), device=device, dtype=dtype)
-        return model, Tokenizer(finetuned_dir), f"full finetune {finetuned_dir}"
-    weights = finetuned_dir / WEIGHTS_FILES[saved]
-    if not weights.is_file():
-        present = sorted(p.name for p in finetuned_dir.iterdir())
-        raise FileNotFoundError(
-            f"{finetuned_dir} says method {saved!r} but has no {WEIGHTS_FILES[saved]} (it contains {present}). "
-            "Point --finetuned_dir at the `final` (or `step-*`) directory of the run."
-        )
-    model, hparams = load_finetuned(finetuned_dir, saved, checkpoint_dir, device=device, dtype=dtype)
+    model, hparams = load_finetuned(finetuned_dir, checkpoint_dir, device, dtype, method=method)
+    saved = hparams["method"]
+    if saved in COMPLETE_CHECKPOINT_METHODS:
+        return model, Tokenizer(finetuned_dir), f"{'full finetune' if saved == FULL else saved} {finetuned_dir}"
     base = checkpoint_dir or hparams["checkpoint_dir"]
     return model, Tokenizer(base), f"{saved} weights {finetuned_dir} on {base}"
 
@@ -243,10 +221,6 @@ def generate_responses(
     Prompts are sorted by token length (longest first) so that each batch holds similar lengths and little
     padding; a long prompt alone also shows the peak memory first. batch_size 1 = one prompt at a time.
     """
-    from tqdm import tqdm
-
-    from lit_gpt.generation import generate_batch
-
     if batch_size < 1:
         raise ValueError(f"--batch_size must be at least 1, got {batch_size}.")
     if max_new_tokens < 1:

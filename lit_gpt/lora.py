@@ -38,8 +38,13 @@ import torch.nn.functional as F
 
 from lit_gpt import quantize
 from lit_gpt.checkpoint import tied_keys
-from lit_gpt.model import GPT, Linear
-from lit_gpt.peft import declared_parameter_names, mark_only_trainable, select_state
+from lit_gpt.kernels import Linear
+from lit_gpt.model import GPT
+from lit_gpt.parameters import declared_parameter_names, mark_only_trainable, select_state
+
+
+NAME = "lora"  # as hyperparameters.yaml records the method
+WEIGHTS_FILE = "lora.safetensors"  # what finetune/lora.py saves: the trained tensors only
 
 
 @dataclass
@@ -70,7 +75,7 @@ class LoRASettings:
             )
 
 
-Settings = LoRASettings  # the name lit_gpt.peft looks up
+Settings = LoRASettings  # the contract's name for it (lit_gpt.peft)
 
 
 class SharedDropout(nn.Dropout):

@@ -40,9 +40,3 @@ def alpaca_prompt(instruction: str, input: str = "") -> str:
     if input and input.strip():
         return PROMPT_WITH_INPUT.format(instruction=instruction, input=input)
     return PROMPT_NO_INPUT.format(instruction=instruction)
-
-
-def extract_response(text: str) -> str:
-    """The part of a generated `text` after the last response marker, stripped (the whole text if there is none)."""
-    _, marker, response = text.rpartition(RESPONSE_MARKER)
-    return (response if marker else text).strip()

@@ -8,7 +8,7 @@ bitsandbytes parameter; embeddings, norms and every PEFT parameter stay in the r
                                        └──► bnb.nn.Int8Params  (int8 rows + one scale per row, LLM.int8())
 
     x ─► quantize.linear(x, weight, bias) ─► bnb.matmul_4bit / bnb.matmul for a quantized weight,
-                                            lit_gpt.model.linear (F.linear) for a float one
+                                            lit_gpt.kernels.linear (F.linear) for a float one
 
 `linear` is the one base path of every linear layer: the plain layers become `QuantizedLinear` (an
 `nn.Linear` whose forward calls it) and the PEFT wrappers (`LoRALinear`, `AdapterV2Linear`) call it for
@@ -23,28 +23,24 @@ Modes (`--quantize`):
     bnb.int8              LLM.int8() weights (8 bit); for generation and for a frozen PEFT base
     bnb.int8-training     rejected with an explanation: it keeps 16-bit weights so that they can train
 
-`load_base_model` reads the checkpoint one tensor at a time onto a model built on the meta device and
-quantizes each linear weight as it is read, so peak memory is the quantized model plus one float tensor,
-never the full-precision model. bitsandbytes' own `Linear4bit` is not used as the layer: on CPUs with
-AVX512-BF16 its forward repacks the weight in place at the first no-grad call (for inference), which would
-change the path of training after a validation pass; and Lightning's `BitsandbytesPrecision` quantizes on
-CUDA only. Both use the same bitsandbytes parameters and kernels as here.
+`lit_gpt.loading.load_base_model` reads the checkpoint one tensor at a time onto a model built on the meta
+device and quantizes each linear weight as it is read (`quantize_weight`), so peak memory is the quantized
+model plus one float tensor, never the full-precision model. bitsandbytes' own `Linear4bit` is not used as
+the layer: on CPUs with AVX512-BF16 its forward repacks the weight in place at the first no-grad call (for
+inference), which would change the path of training after a validation pass; and Lightning's
+`BitsandbytesPrecision` quantizes on CUDA only. Both use the same bitsandbytes parameters and kernels as here.
 """
 
 from __future__ import annotations
 
-import ctypes
 import importlib
-import json
 import logging
-from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.nn as nn
 
-from lit_gpt.model import Linear
-from lit_gpt.model import linear as model_linear
+from lit_gpt import kernels
 
 MODES = ("bnb.nf4", "bnb.nf4-dq", "bnb.fp4", "bnb.fp4-dq", "bnb.int8", "bnb.int8-training")
 MIN_BNB_VERSION = (0, 45)
@@ -153,7 +149,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     Gradients flow to `x` (and `bias`) through bitsandbytes' autograd functions; the quantized weight is frozen.
     """
     if not is_quantized(weight):
-        return model_linear(x, weight, bias)
+        return kernels.linear(x, weight, bias)
     bnb = bnb_module()
     if getattr(weight, "quant_state", None) is not None:
         return bnb.matmul_4bit(x, weight.t(), bias=bias, quant_state=weight.quant_state)
@@ -173,123 +169,6 @@ class QuantizedLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)
-
-
-def load_base_model(checkpoint_dir: Path | str, quantize: Optional[str], device, dtype: Optional[torch.dtype]):
-    """The GPT of a checkpoint directory with its linear weights quantized as they are read; (model, config).
-
-    Built on the meta device; each tensor of lit_model.safetensors is read alone, cast to `dtype` (None: as
-    stored), moved to `device` and, for a linear weight that is not tied to the embedding, quantized there
-    (`quantize` None: kept as it is), so the peak is the model plus one float tensor. The keys are verified
-    as in `load_into_model` (none may be missing). Quantized weights are frozen; every other floating-point
-    parameter requires grad (`mark_trainable` decides after a PEFT method is applied).
-    """
-    from lit_gpt.checkpoint import WEIGHTS_FILE, check_state_dict_keys, check_valid_checkpoint_dir
-    from lit_gpt.config import Config
-    from lit_gpt.model import GPT
-
-    checkpoint_dir = check_valid_checkpoint_dir(checkpoint_dir, need_tokenizer=False)
-    config = Config.from_checkpoint(checkpoint_dir)
-    path = checkpoint_dir / WEIGHTS_FILE
-    with torch.device("meta"):
-        model = GPT(config)
-    tied = {id(model.wte.weight)} if config.tie_embeddings else set()
-    targets = {f"{name}.weight" for name, m in model.named_modules() if type(m) in (nn.Linear, Linear) and id(m.weight) not in tied}
-    header = _safetensors_header(path)
-    check_state_dict_keys(model, {k: torch.Size(v["shape"]) for k, v in header.items()}, path)
-    with open(path, "rb") as f:
-        for key, info in header.items():
-            owner_name, _, attr = key.rpartition(".")
-            owner = model.get_submodule(owner_name)
-            tensor = _read_tensor(f, info)
-            if tensor.is_floating_point() and dtype is not None:
-                tensor = tensor.to(dtype)
-            if key in targets and quantize is not None:
-                layer = QuantizedLinear(owner.in_features, owner.out_features, bias=False, device="meta")
-                layer.weight, layer.bias = quantize_weight(tensor.to(device), quantize, device), owner.bias
-                parent_name, _, child = owner_name.rpartition(".")
-                setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
-            elif attr in owner._parameters:
-                setattr(owner, attr, nn.Parameter(tensor.to(device), requires_grad=tensor.is_floating_point()))
-            else:
-                owner._buffers[attr] = tensor.to(device)
-            del tensor
-            _release_freed_memory()
-    if config.tie_embeddings:
-        model.lm_head.weight = model.wte.weight
-    model.max_seq_length = config.block_size  # build the RoPE tables on `device`
-    return model.eval(), config
-
-
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
-}
-
-
-def _safetensors_header(path: Path) -> dict[str, dict]:
-    """{name: {"dtype", "shape", "data_offsets"}} of a safetensors file (its documented JSON header)."""
-    with open(path, "rb") as f:
-        size = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(size))
-    header.pop("__metadata__", None)
-    return {name: {**info, "start": 8 + size + info["data_offsets"][0]} for name, info in header.items()}
-
-
-def _read_tensor(f, info: dict) -> torch.Tensor:
-    """One tensor of an open safetensors file, read with a plain file read (no mmap: the process never maps
-    the whole file, so its resident memory holds only what was read and kept)."""
-    start, end = info["data_offsets"]
-    dtype = _SAFETENSORS_DTYPES[info["dtype"]]
-    if end == start:
-        return torch.empty(info["shape"], dtype=dtype)
-    f.seek(info["start"])
-    buffer = bytearray(end - start)
-    f.readinto(buffer)
-    return torch.frombuffer(buffer, dtype=dtype).reshape(info["shape"])
-
-
-def _release_freed_memory() -> None:
-    """Give freed heap memory back to the OS (glibc `malloc_trim`; a no-op elsewhere).
-
-    bitsandbytes' CPU quantization allocates temporaries of many sizes; glibc keeps the freed ones in its
-    heap, and over hundreds of layers that fragmentation grew the process by more than the quantized model.
-    """
-    global _malloc_trim
-    if _malloc_trim is None:
-        try:
-            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            _malloc_trim = False
-    if _malloc_trim:
-        _malloc_trim(0)
-
-
-_malloc_trim = None
-
-
-def build_base_for_training(fabric, checkpoint_dir: Path, precision: str, quantize: Optional[str]):
-    """The base GPT the finetune scripts start from, on `fabric`'s device, before a PEFT method is applied.
-
-    On one device or with DDP, and whenever `quantize` is given, `load_base_model` reads the checkpoint tensor
-    by tensor straight onto the device (one copy per DDP rank), so the host never holds the whole state dict:
-    loading a 7B base for GPU training peaked at 15 GB of host memory when it did. Unquantized under FSDP, the
-    model is built on the meta device by `fabric.init_module` and the state dict assigned before Fabric shards it.
-    """
-    from lightning_fabric.strategies import FSDPStrategy
-
-    from lit_gpt.checkpoint import WEIGHTS_FILE, load_into_model, load_weights_file
-    from lit_gpt.config import Config
-    from lit_gpt.model import GPT
-    from lit_gpt.utils import precision_to_dtype
-
-    if quantize is not None or not isinstance(fabric.strategy, FSDPStrategy):
-        model, _ = load_base_model(checkpoint_dir, quantize, fabric.device, precision_to_dtype(precision))
-        return model.train()
-    with fabric.init_module(empty_init=True):  # base weights are loaded below
-        model = GPT(Config.from_checkpoint(checkpoint_dir))
-    load_into_model(model, load_weights_file(checkpoint_dir / WEIGHTS_FILE), checkpoint_dir / WEIGHTS_FILE)
-    return model
 
 
 def merge_error(name: str) -> QuantizeError:

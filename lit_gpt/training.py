@@ -1,45 +1,112 @@
-"""What the finetune loops call: Fabric setup, the data stream, LR schedule, validation, saving and resuming.
+"""Training: the one loop every finetune script runs (`fit`), and what it is made of -- Fabric setup, the
+optimizer, the learning-rate schedule, validation, a sample response, progress and logs.
 
-Plain functions and two small classes with no hooks: the loop itself stays visible in each
-`finetune/*.py` script (and is identical across them).
+A finetune script builds its model (base checkpoint + its PEFT method), then calls `fit`, then saves. `fit`
+knows nothing method-specific: it trains whatever parameters the method left with requires_grad, and saves
+through the `save` function the script gives it. Plain functions and one small class, no hooks.
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
-import json
 import math
-import os
-import shutil
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
-from lightning_fabric import Fabric
-from lightning_fabric.strategies import FSDPStrategy
 import torch
 import torch.nn as nn
-import yaml
+from lightning_fabric import Fabric
+from lightning_fabric.strategies import FSDPStrategy
+from tqdm import tqdm
 
 from lit_gpt.args import EvalArgs, TrainArgs
-from lit_gpt.checkpoint import (
-    CONFIG_FILE,
-    TOKENIZER_EXTRA_FILES,
-    TOKENIZER_FILES,
-    WEIGHTS_FILE,
-    file_fingerprint,
-    save_safetensors,
-)
+from lit_gpt.checkpoint import check_valid_checkpoint_dir
+from lit_gpt.data import BatchStream, DataPosition, collate, shared_prefix_length
+from lit_gpt.generation import generate
 from lit_gpt.model import IGNORE_INDEX
-from lit_gpt.utils import reuse_freed_host_memory
+from lit_gpt.outputs import LOG_FILE, RESUME_FILE, load_resume_state, run_hyperparameters, save_resume_state
+from lit_gpt.quantize import check_quantize, logical_numel
+from lit_gpt.utils import choose_precision, reuse_freed_host_memory
 
-HPARAMS_FILE = "hyperparameters.yaml"
-RESUME_FILE = "resume_state.pt"
-LOG_FILE = "metrics.csv"
+
+# --- the loop -----------------------------------------------------------------------------------------------
+def fit(
+    fabric: Fabric,
+    model: nn.Module,
+    tokenizer,
+    train_data,
+    val_data,
+    out_dir: Path,
+    train: TrainArgs,
+    eval: EvalArgs,
+    resume: bool,
+    save: Callable[[Path], None],
+) -> None:
+    """The training loop of every finetune script: train `model`'s trainable parameters on `train_data`.
+
+    Validates before the first step, every `eval.interval` steps and at the end (printing a sample response);
+    every `train.save_interval` steps calls `save(out_dir / "step-NNNNNN")` and writes the resume state, from
+    which `resume=True` continues exactly (same weights, optimizer, data position and RNG). The final save is
+    the caller's. `model` is the bare model as the PEFT method left it; Fabric wraps it here.
+    """
+    report_parameters(fabric, model)
+    optimizer = adamw(model, train, fabric)
+    raw_model = model  # Fabric's wrapper runs forward/backward; the bare model is sampled, saved and resumed
+    model, optimizer = fabric.setup(prepare_model_for_training(model, train), optimizer)
+    step, position = 0, DataPosition()
+    if resume:
+        step, position = load_resume_state(fabric, out_dir, raw_model, optimizer)
+        fabric.print(f"Resuming from step {step} (epoch {position.epoch}, sample {position.index}).")
+
+    total_steps = train.total_steps(len(train_data))
+    stream = BatchStream(train_data, train, fabric.global_rank, fabric.world_size, fabric.device.type)
+    stream.position = position
+    progress = ProgressLog(fabric, out_dir, total_steps, start_step=step)
+    if step == 0:
+        with progress.paused():  # time outside the training steps stays out of the reported speed
+            val_loss = validate(fabric, model, val_data, eval, train.micro_batch_size, stream.share_prefix)
+        progress.log(0, {"val_loss": val_loss})
+        progress.write(f"step 0: val loss {val_loss:.4f}")
+    running_loss = torch.zeros((), device=fabric.device)
+    while step < total_steps:
+        set_lr(optimizer, lr_at(step, train, total_steps))
+        micro_batches = stream.next_step()
+        # Weight each micro-batch by its share of the step's loss-carrying tokens (over all devices), so the
+        # loss is the same token mean whatever the micro batch size, accumulation or device count.
+        step_supervised = global_sum(fabric, sum(b.supervised for b in micro_batches))
+        for i, batch in enumerate(micro_batches):
+            weight = batch.supervised * fabric.world_size / max(step_supervised, 1)
+            with fabric.no_backward_sync(model, enabled=i < len(micro_batches) - 1):
+                loss = model(**batch.model_inputs(fabric.device)) * weight
+                fabric.backward(loss)
+            running_loss += loss.detach()
+        if train.grad_clip > 0:
+            fabric.clip_gradients(model, optimizer, max_norm=train.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        progress.update(1, sum(b.tokens for b in micro_batches), sum(b.supervised for b in micro_batches))
+        if step % train.log_interval == 0 or step == total_steps:
+            steps_logged = step % train.log_interval or train.log_interval
+            train_loss = float(fabric.all_reduce(running_loss, reduce_op="sum")) / fabric.world_size / steps_logged
+            running_loss.zero_()
+            progress.log(step, {"train_loss": train_loss, "lr": optimizer.param_groups[0]["lr"], **progress.throughput()},
+                         show=True)
+        if step % eval.interval == 0 or step == total_steps:
+            with progress.paused():
+                val_loss = validate(fabric, model, val_data, eval, train.micro_batch_size, stream.share_prefix)
+                prompt, response = sample_response(raw_model, tokenizer, val_data, eval.max_new_tokens, fabric.device)
+            progress.log(step, {"val_loss": val_loss}, show=True)
+            progress.write(f"step {step}: val loss {val_loss:.4f}\n{prompt}{response}")
+        if step % train.save_interval == 0 and step < total_steps:
+            with progress.paused():
+                save(out_dir / f"step-{step:06d}")
+                save_resume_state(fabric, out_dir, raw_model, optimizer, step, stream.position)
+    progress.close()
 
 
 # --- Fabric ------------------------------------------------------------------------------------------------
@@ -69,8 +136,6 @@ def check_run_args(
     checkpoint_dir: Path, data_dir: Path, out_dir: Path, devices: int, train: TrainArgs, eval: EvalArgs, resume: bool
 ) -> None:
     """Validate a finetune run's arguments before any process starts: flags, paths, and a writable out_dir."""
-    from lit_gpt.checkpoint import check_valid_checkpoint_dir
-
     if devices < 1:
         raise ValueError(f"--devices must be at least 1, got {devices}.")
     train.validate(devices)
@@ -95,10 +160,37 @@ def check_run_args(
         )
 
 
+def start_run(
+    method: str,
+    settings: Any,
+    checkpoint_dir: Path,
+    data_dir: Path,
+    out_dir: Path,
+    precision: Optional[str],
+    devices: int,
+    strategy: str,
+    resume: bool,
+    quantize: Optional[str],
+    train: TrainArgs,
+    eval: EvalArgs,
+) -> tuple[Fabric, dict[str, Any]]:
+    """Check a finetune run's flags and paths before any process starts, pick its precision, and make its Fabric.
+
+    Returns (fabric, the run's hyperparameters as `hyperparameters.yaml` records them: method, settings, every
+    flag, the precision chosen and the quantization). `settings` is the method's settings dataclass (None for a
+    full finetune); `quantize` must be None for a method that cannot quantize its base.
+    """
+    hparams = run_hyperparameters(
+        method, settings, checkpoint_dir=checkpoint_dir, data_dir=data_dir, devices=devices, train=train, eval=eval
+    )
+    check_run_args(checkpoint_dir, data_dir, out_dir, devices, train, eval, resume)
+    hparams["precision"] = precision = choose_precision(precision, accelerator())
+    hparams["quantize"] = check_quantize(quantize, accelerator(), precision, strategy)
+    return setup_fabric(devices, precision, strategy), hparams
+
+
 def report_parameters(fabric: Fabric, model: nn.Module) -> None:
     """Print how many parameters train and how many are frozen (quantized weights counted unpacked)."""
-    from lit_gpt.quantize import logical_numel
-
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(logical_numel(p) for p in model.parameters())
     fabric.print(f"Trainable parameters: {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.3f}%)")
@@ -112,137 +204,6 @@ def finish(fabric: Fabric, out_dir: Path) -> None:
         fabric.print(f"Metrics: {out_dir / LOG_FILE}" + (f", loss curve: {png}" if png else ""))
         if torch.cuda.is_available():
             fabric.print(f"Peak GPU memory: {torch.cuda.max_memory_allocated() / 1e9:.2f} GB")
-
-
-# --- data --------------------------------------------------------------------------------------------------
-@dataclass
-class DataPosition:
-    """Where the run is in the (infinite, epoch after epoch) sample order. Saved for exact resume."""
-
-    epoch: int = 0
-    index: int = 0  # next position within the epoch's order
-
-
-def uses_shared_prefix(train: TrainArgs, device_type: str) -> bool:
-    """Whether batches on `device_type` compute their common prompt template once (`GPT.forward(shared_prefix=)`):
-    as --train.shared_prefix says, by default only on the CPU (slower on a GPU, see TrainArgs.shared_prefix),
-    and never for a compiled model (a compiled graph takes no layout)."""
-    share = device_type == "cpu" if train.shared_prefix is None else train.shared_prefix
-    return share and not train.compile
-
-
-class BatchStream:
-    """Micro-batches for one optimizer step, for this rank, from a deterministic per-epoch order.
-
-    The order of epoch e depends only on (seed, e), so resuming is just restoring `position`.
-    One optimizer step takes `global_batch_size` consecutive samples of the order; rank r's micro-batch m
-    is the slice [m * micro * world + r * micro, ... + micro) of them, so N devices with micro batch b see
-    the same samples per micro-step as 1 device with micro batch N * b.
-    """
-
-    def __init__(self, dataset, train: TrainArgs, rank: int, world_size: int, pad_id: int = 0) -> None:
-        from lit_gpt.data import epoch_order
-
-        if len(dataset) == 0:
-            raise ValueError("The training set is empty: prepare data with scripts/prepare_alpaca.py first.")
-        self.dataset, self.train, self.rank, self.world, self.pad_id = dataset, train, rank, world_size, pad_id
-        self._epoch_order = epoch_order
-        self.position = DataPosition()
-        self.row_length = int(max(dataset.lengths)) - 1 if train.packing else 0
-        self._order: Optional[list[int]] = None
-        self._order_epoch = -1
-        self.share_prefix = uses_shared_prefix(train, accelerator())
-
-    def _order_for(self, epoch: int) -> list[int]:
-        if self._order_epoch != epoch:
-            lengths = getattr(self.dataset, "lengths", None) if self.train.group_by_length else None
-            self._order = self._epoch_order(
-                len(self.dataset),
-                epoch=epoch,
-                seed=self.train.seed,
-                lengths=lengths,
-                window=self.train.micro_batch_size * self.world * 64,
-            )
-            self._order_epoch = epoch
-        return self._order
-
-    def _take(self, n: int) -> list[int]:
-        """The next `n` sample indices of the order, moving on to the next epoch when one ends."""
-        out: list[int] = []
-        while len(out) < n:
-            order = self._order_for(self.position.epoch)
-            chunk = order[self.position.index : self.position.index + n - len(out)]
-            out += chunk
-            self.position.index += len(chunk)
-            if self.position.index >= len(order):
-                self.position = DataPosition(self.position.epoch + 1, 0)
-        return out
-
-    def next_step(self) -> list[MicroBatch]:
-        """This rank's micro-batches for the next optimizer step."""
-        from lit_gpt.data import collate, shared_prefix_length
-
-        if self.train.packing:
-            return self._next_packed_step()
-        micro = self.train.micro_batch_size
-        indices = self._take(self.train.global_batch_size)
-        batches = []
-        for start in range(0, len(indices), micro * self.world):
-            samples = [self.dataset[i] for i in indices[start + self.rank * micro : start + (self.rank + 1) * micro]]
-            input_ids, targets = collate(samples, pad_id=self.pad_id)
-            prefix = shared_prefix_length(input_ids, targets) if self.share_prefix else 0
-            tokens = sum(len(s[0]) - 1 for s in samples)
-            batches.append(MicroBatch.of(input_ids, targets, tokens=tokens, shared_prefix=prefix))
-        return batches
-
-    def _next_packed_step(self) -> list[MicroBatch]:
-        """`global_batch_size` packed rows of up to `row_length` tokens, filled with consecutive samples."""
-        from lit_gpt.data import collate_packed
-
-        rows: list[list] = []
-        while len(rows) < self.train.global_batch_size:
-            row, used = [], 0
-            while True:
-                # Peek before taking, so the saved position never includes a sample that went into no row.
-                index = self._order_for(self.position.epoch)[self.position.index]
-                n = int(self.dataset.lengths[index]) - 1
-                if row and used + n > self.row_length:
-                    break
-                row.append(self.dataset[self._take(1)[0]])
-                used += n
-            rows.append(row)
-        micro = self.train.micro_batch_size
-        batches = []
-        for start in range(0, len(rows), micro * self.world):
-            mine = rows[start + self.rank * micro : start + (self.rank + 1) * micro]
-            input_ids, targets, positions = collate_packed(mine, pad_id=self.pad_id)
-            tokens = sum(len(s[0]) - 1 for row in mine for s in row)
-            batches.append(MicroBatch.of(input_ids, targets, tokens=tokens, positions=positions))
-        return batches
-
-
-@dataclass
-class MicroBatch:
-    input_ids: torch.Tensor  # (B, T)
-    targets: torch.Tensor  # (B, T), IGNORE_INDEX where no loss
-    supervised: int  # targets that carry loss
-    tokens: int  # non-padding input tokens
-    positions: Optional[torch.Tensor] = None  # (B, T) for packed rows
-    shared_prefix: int = 0  # leading tokens all rows share with no loss, computed once (data.shared_prefix_length)
-
-    @classmethod
-    def of(cls, input_ids, targets, tokens: int, positions=None, shared_prefix: int = 0) -> "MicroBatch":
-        return cls(input_ids, targets, int((targets != IGNORE_INDEX).sum()), tokens, positions, shared_prefix)
-
-    def model_inputs(self, device) -> dict[str, Any]:
-        """Keyword arguments of `model(...)` for this batch, on `device`: the loss comes back."""
-        inputs = {"idx": self.input_ids, "targets": self.targets}
-        if self.positions is not None:
-            inputs["positions"] = self.positions
-        inputs = {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
-        if self.shared_prefix:
-            inputs["shared_prefix"] = self.shared_prefix
-        return inputs
 
 
 def adamw(model: nn.Module, train: TrainArgs, fabric: Optional[Fabric] = None) -> torch.optim.AdamW:
@@ -308,10 +269,6 @@ def validate(
 
     NaN when the validation set is empty (data prepared with --val_split_fraction 0): there is nothing to measure.
     """
-    from tqdm import tqdm
-
-    from lit_gpt.data import collate, shared_prefix_length
-
     if len(dataset) == 0:
         return float("nan")
     n = min(len(dataset), eval_args.max_iters * micro_batch_size)
@@ -342,8 +299,6 @@ def sample_response(model: nn.Module, tokenizer, dataset, max_new_tokens: int, d
 
     ("", "") when the validation set is empty.
     """
-    from lit_gpt.generation import generate
-
     if len(dataset) == 0:
         return "", ""
     input_ids, labels = dataset[0]
@@ -373,8 +328,6 @@ class ProgressLog:
                 writer.writeheader()
                 writer.writerows(rows)
         if fabric.is_global_zero:
-            from tqdm import tqdm
-
             self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
         self.t0, self.tokens = time.perf_counter(), 0
         self.postfix: dict[str, str] = {}
@@ -491,124 +444,3 @@ def plot_loss_curve(out_dir: Path) -> Optional[Path]:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
-
-
-# --- saving ------------------------------------------------------------------------------------------------
-def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The parameters that train, by name (what resume needs besides the optimizer)."""
-    return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
-
-
-def save_output_dir(
-    fabric: Fabric,
-    out_dir: Path,
-    weights: dict[str, torch.Tensor],
-    weights_file: str,
-    hparams: dict[str, Any],
-    checkpoint_dir: Path,
-) -> None:
-    """Write a self-describing output directory atomically (rank 0): weights, hyperparameters, config, tokenizer.
-
-    The directory is assembled under a temporary name and renamed into place, so a killed run leaves
-    either the previous directory or the new one.
-    """
-    if fabric.is_global_zero:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private (0700); an output directory is an ordinary readable one
-        try:
-            metadata = {"method": str(hparams["method"]), "hyperparameters": json.dumps(hparams, default=str)}
-            save_safetensors(weights, tmp / weights_file, metadata=metadata)
-            (tmp / HPARAMS_FILE).write_text(yaml.safe_dump(hparams, sort_keys=False))
-            for name in (CONFIG_FILE, *TOKENIZER_FILES, *TOKENIZER_EXTRA_FILES):
-                if (checkpoint_dir / name).is_file():
-                    shutil.copy2(checkpoint_dir / name, tmp / name)
-            if out_dir.exists():
-                old = out_dir.with_name(f".{out_dir.name}.old")
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(out_dir, old)
-                os.replace(tmp, out_dir)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, out_dir)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    fabric.barrier()
-
-
-def base_fingerprint(checkpoint_dir: Path) -> str:
-    """Identifies the base weights so finetuned weights cannot silently be loaded onto another model."""
-    return file_fingerprint(checkpoint_dir / WEIGHTS_FILE)
-
-
-def run_hyperparameters(method: str, settings: Any, **values: Any) -> dict[str, Any]:
-    """The hyperparameters.yaml content: method, its settings, and everything else the run was given."""
-    out: dict[str, Any] = {"method": method, "settings": asdict(settings) if settings is not None else {}}
-    for key, value in values.items():
-        out[key] = asdict(value) if hasattr(value, "__dataclass_fields__") else value
-    return json.loads(json.dumps(out, default=str))  # plain types only, so yaml.safe_dump works
-
-
-def save_resume_state(
-    fabric: Fabric,
-    out_dir: Path,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    step: int,
-    position: DataPosition,
-) -> None:
-    """Everything needed to continue exactly: trainable weights, optimizer, step, data position, RNG (all ranks)."""
-    rng = torch.get_rng_state()
-    rng_all = fabric.all_gather(rng.to(fabric.device)).cpu() if fabric.world_size > 1 else rng[None]
-    cuda_rng = torch.cuda.get_rng_state() if torch.cuda.is_available() else None
-    cuda_all = None
-    if cuda_rng is not None:
-        cuda_all = fabric.all_gather(cuda_rng.to(fabric.device)).cpu() if fabric.world_size > 1 else cuda_rng[None]
-    state = {
-        "trainable": {k: v.cpu() for k, v in trainable_state(model).items()},
-        "optimizer": optimizer.state_dict(),
-        "step": step,
-        "epoch": position.epoch,
-        "index": position.index,
-        "rng": rng_all.reshape(fabric.world_size, -1),
-        "cuda_rng": cuda_all,
-    }
-    if fabric.is_global_zero:
-        path = out_dir / RESUME_FILE
-        fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{RESUME_FILE}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            torch.save(state, tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-    fabric.barrier()
-
-
-def load_resume_state(
-    fabric: Fabric, out_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer
-) -> tuple[int, DataPosition]:
-    """Restore what `save_resume_state` wrote; returns (step, data position)."""
-    path = out_dir / RESUME_FILE
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"--resume was given but {path} does not exist: no earlier run saved a checkpoint in --out_dir {out_dir}. "
-            "Drop --resume to start a new run, or point --out_dir at the run to continue."
-        )
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    params = dict(model.named_parameters())
-    trainable = {k for k, p in params.items() if p.requires_grad}
-    if set(state["trainable"]) != trainable:
-        raise ValueError(
-            f"{path} was saved by a run with different trainable parameters (method or settings changed). "
-            "Resume with the same flags as the original run."
-        )
-    with torch.no_grad():
-        for name, tensor in state["trainable"].items():
-            params[name].copy_(tensor)
-    optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["rng"][fabric.global_rank].clone())
-    if state["cuda_rng"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda_rng"][fabric.global_rank].clone())
-    return int(state["step"]), DataPosition(int(state["epoch"]), int(state["index"]))

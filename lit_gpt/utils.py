@@ -1,4 +1,4 @@
-"""Small generic helpers: which device and precision to run on, parameter counts, peak memory."""
+"""Small generic helpers: which device and precision to run on, peak memory, host memory reuse."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import sys
 from typing import Optional
 
 import torch
-import torch.nn as nn
 
 # Lightning Fabric precision strings this project uses, and the dtype the weights are held in for each.
 PRECISION_DTYPES = {
@@ -111,16 +110,6 @@ def _mps_has_bf16() -> bool:
         return False
 
 
-def num_parameters(module: nn.Module, requires_grad: Optional[bool] = None) -> int:
-    """Number of parameter elements in `module` (tied parameters counted once).
-
-    `requires_grad` True/False counts only trainable/frozen parameters; None counts all.
-    """
-    return sum(
-        p.numel() for p in module.parameters() if requires_grad is None or p.requires_grad == requires_grad
-    )
-
-
 def peak_memory(device: torch.device) -> str:
     """Human-readable peak memory: CUDA max allocated on a GPU, otherwise this process's peak resident set."""
     device = torch.device(device)
@@ -156,3 +145,23 @@ def reuse_freed_host_memory() -> bool:
     except (OSError, AttributeError):
         return False
     return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+
+
+def release_freed_host_memory() -> None:
+    """Give freed heap memory back to the OS (glibc `malloc_trim`; a no-op elsewhere).
+
+    bitsandbytes' CPU quantization allocates temporaries of many sizes; glibc keeps the freed ones in its
+    heap, and over hundreds of layers that fragmentation grew the process by more than the quantized model.
+    `lit_gpt.loading.load_base_model` calls this after each tensor it reads.
+    """
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim = None

@@ -23,21 +23,22 @@ from typing import Optional
 import torch
 import yaml
 
+from lit_gpt import lora
 from lit_gpt.checkpoint import (
     CONFIG_FILE,
+    SAFETENSORS_DTYPES,
     TOKENIZER_EXTRA_FILES,
     TOKENIZER_FILES,
     WEIGHTS_FILE,
     check_valid_checkpoint_dir,
     model_state_dict,
+    safetensors_header,
     save_safetensors,
 )
 from lit_gpt.cli import run_cli
-from lit_gpt.lora import merge
-from lit_gpt.peft import HPARAMS_FILE, load_finetuned, read_hyperparameters
-
-METHOD = "lora"
-
+from lit_gpt.loading import COMPLETE_CHECKPOINT_METHODS, load_finetuned
+from lit_gpt.outputs import HPARAMS_FILE, read_hyperparameters
+from lit_gpt.peft import METHODS
 
 def main(finetuned_dir: Path, out_dir: Path, checkpoint_dir: Optional[Path] = None) -> None:
     """Write base + merged LoRA weights to `out_dir` as a complete checkpoint directory.
@@ -51,11 +52,12 @@ def main(finetuned_dir: Path, out_dir: Path, checkpoint_dir: Optional[Path] = No
     finetuned_dir, out_dir = Path(finetuned_dir), Path(out_dir)
     hparams = read_hyperparameters(finetuned_dir)
     method = hparams.get("method")
-    if method != METHOD:
-        if method == "full":
-            hint = f"a full finetune is already a complete checkpoint: use {finetuned_dir} directly (generate/base.py)."
-        elif method in ("adapter", "adapter_v2"):
-            hint = f"{method} weights do not fold into the base weights; generate with generate/{method}.py."
+    if method != lora.NAME:
+        if method in COMPLETE_CHECKPOINT_METHODS:
+            hint = f"it is already a complete checkpoint: use {finetuned_dir} directly (generate/base.py)."
+        elif method in METHODS:
+            hint = (f"{method} weights do not fold into the base weights; generate with "
+                    f"`python generate/finetuned.py --finetuned_dir {finetuned_dir}`.")
         else:
             hint = "pass the output directory of a finetune/lora.py run (e.g. out/lora/final)."
         raise ValueError(f"--finetuned_dir {str(finetuned_dir)!r} holds {method!r} weights, not LoRA weights: {hint}")
@@ -68,9 +70,9 @@ def main(finetuned_dir: Path, out_dir: Path, checkpoint_dir: Optional[Path] = No
         )
 
     # Full precision: the base weights as stored (upcast to float32 if stored in 16 bits) plus the LoRA update.
-    model, _ = load_finetuned(finetuned_dir, METHOD, base_dir, device="cpu", dtype=torch.float32)
+    model, _ = load_finetuned(finetuned_dir, base_dir, device="cpu", dtype=torch.float32, method=lora.NAME)
     stored_dtypes = _stored_dtypes(base_dir / WEIGHTS_FILE)
-    merge(model)  # raises a clear ValueError for LoRA on a tied LM head (nothing has been written yet)
+    lora.merge(model)  # raises a clear ValueError for LoRA on a tied LM head (nothing has been written yet)
     state = {
         name: tensor.to(stored_dtypes.get(name, tensor.dtype)) if tensor.is_floating_point() else tensor
         for name, tensor in model_state_dict(model).items()
@@ -88,12 +90,8 @@ def main(finetuned_dir: Path, out_dir: Path, checkpoint_dir: Optional[Path] = No
 
 def _stored_dtypes(path: Path) -> dict[str, torch.dtype]:
     """The dtype of every floating-point tensor in a safetensors file, read from its header only."""
-    from safetensors import safe_open
-
-    names = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-    with safe_open(str(path), framework="pt") as f:
-        stored = {name: f.get_slice(name).get_dtype() for name in f.keys()}
-    return {name: names[dtype] for name, dtype in stored.items() if dtype in names}
+    dtypes = {name: SAFETENSORS_DTYPES[info["dtype"]] for name, info in safetensors_header(path).items()}
+    return {name: dtype for name, dtype in dtypes.items() if dtype.is_floating_point}
 
 
 if __name__ == "__main__":

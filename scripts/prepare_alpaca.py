@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 from lit_gpt.cli import run_cli
-from lit_gpt.data import check_prepare_settings, download, load_examples, prepare_instruction_data
+from lit_gpt.prepare import check_prepare_settings, download, load_examples, prepare_instruction_data
 
 URL = "https://raw.githubusercontent.com/tatsu-lab/stanford_alpaca/main/alpaca_data.json"
 # The file's sha256 could not be verified when this was written (no network), so none is pinned: the

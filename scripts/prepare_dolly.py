@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Optional
 
 from lit_gpt.cli import run_cli
-from lit_gpt.data import check_prepare_settings, download, load_examples, prepare_instruction_data
+from lit_gpt.prepare import check_prepare_settings, download, load_examples, prepare_instruction_data
 
 URL = "https://huggingface.co/datasets/databricks/databricks-dolly-15k/resolve/main/databricks-dolly-15k.jsonl"
 SHA256: Optional[str] = None  # not verified when this was written: the download's checksum is printed

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Optional
 
 from lit_gpt.cli import run_cli
-from lit_gpt.data import check_prepare_settings, load_examples, prepare_instruction_data
+from lit_gpt.prepare import check_prepare_settings, load_examples, prepare_instruction_data
 
 
 def prepare(

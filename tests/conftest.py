@@ -17,7 +17,8 @@ import torch
 
 from lit_gpt.checkpoint import CONFIG_FILE, WEIGHTS_FILE, model_state_dict, save_safetensors
 from lit_gpt.config import Config
-from lit_gpt.model import GPT
+from lit_gpt.data import collate
+from lit_gpt.model import GPT, IGNORE_INDEX
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
@@ -57,6 +58,34 @@ def one_torch_thread():
     Use it with `pytestmark = pytest.mark.usefixtures("one_torch_thread")` or as a fixture argument."""
     with torch_threads(1):
         yield
+
+
+def random_samples(n: int, seed: int = 0, vocab: int = 64) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`n` (ids, labels) samples of 4-13 random tokens, each (length,), whose first third is a masked prompt:
+    what `InstructionDataset[i]` returns."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        length = int(torch.randint(4, 14, (1,), generator=g))
+        ids = torch.randint(0, vocab, (length,), generator=g)
+        labels = ids.clone()
+        labels[: length // 3] = IGNORE_INDEX  # a masked prompt
+        out.append((ids, labels))
+    return out
+
+
+def template_batch(template_length: int = 10, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Three samples that all begin with the same masked template, as collate batches them: (input_ids, targets),
+    each (3, T)."""
+    g = torch.Generator().manual_seed(seed)
+    template = torch.randint(0, 64, (template_length,), generator=g)
+    samples = []
+    for length, prompt in ((9, 4), (14, 6), (6, 2)):  # after the template: own prompt tokens, then a response
+        ids = torch.cat((template, torch.randint(0, 64, (length,), generator=g)))
+        labels = ids.clone()
+        labels[: template_length + prompt] = IGNORE_INDEX
+        samples.append((ids, labels))
+    return collate(samples)
 
 CORPUS = [
     "Below is an instruction that describes a task. Write a response that appropriately completes the request.",

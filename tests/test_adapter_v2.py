@@ -11,7 +11,8 @@ from lit_gpt import adapter_v2
 from lit_gpt.adapter import AdapterAttention
 from lit_gpt.adapter_v2 import AdapterV2Linear, AdapterV2Settings
 from lit_gpt.config import Config
-from lit_gpt.model import GPT, Linear, RMSNorm
+from lit_gpt.kernels import Linear
+from lit_gpt.model import GPT, RMSNorm
 
 
 @pytest.mark.parametrize("bias", [True, False])

@@ -1,198 +1,37 @@
-"""lit_gpt.prompts and lit_gpt.data: template, reading, masking, truncation, split, storage, order, collate."""
+"""lit_gpt.data: the prepared-file format and its checks, epoch order, collate, shared prefix, packing, and the
+training loop's BatchStream."""
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import random_samples, template_batch
+from lit_gpt.args import TrainArgs
 from lit_gpt.data import (
+    MIN_SHARED_PREFIX,
+    BatchStream,
     DataError,
-    Example,
+    DataPosition,
     InstructionDataset,
     collate,
     epoch_order,
-    get_batch,
-    load_examples,
     load_prepared,
     load_prepared_dir,
-    longest_sample,
-    prepare_instruction_data,
-    read_records,
-    split_train_val,
-    to_examples,
-    tokenize_examples,
+    shared_prefix_length,
 )
 from lit_gpt.model import IGNORE_INDEX
-from lit_gpt.prompts import RESPONSE_MARKER, alpaca_prompt, extract_response
+from lit_gpt.prepare import Example, prepare_instruction_data
 from lit_gpt.tokenizer import Tokenizer
 
 
-# --- prompts ---------------------------------------------------------------------------------------------
-def test_alpaca_prompt_without_input():
-    assert alpaca_prompt("Say hi.") == (
-        "Below is an instruction that describes a task. Write a response that appropriately completes the request."
-        "\n\n### Instruction:\nSay hi.\n\n### Response:\n"
-    )
-    assert alpaca_prompt("Say hi.", "  ") == alpaca_prompt("Say hi.")  # whitespace-only input = no input
-
-
-def test_alpaca_prompt_with_input():
-    assert alpaca_prompt("Add.", "2 and {3}") == (
-        "Below is an instruction that describes a task, paired with an input that provides further context. "
-        "Write a response that appropriately completes the request.\n\n### Instruction:\nAdd.\n\n"
-        "### Input:\n2 and {3}\n\n### Response:\n"
-    )
-
-
-def test_extract_response():
-    assert extract_response(alpaca_prompt("Add.", "2 and 3") + " 5 \n") == "5"
-    assert extract_response("no marker") == "no marker"
-    assert alpaca_prompt("x").rstrip().endswith(RESPONSE_MARKER)
-
-
-# --- reading ---------------------------------------------------------------------------------------------
-def write_jsonl(path: Path, records) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path
-
-
-def test_read_json_and_jsonl(tmp_path):
-    records = [{"instruction": "a", "output": "b"}, {"instruction": "c", "input": "d", "output": 7}]
-    (tmp_path / "d.json").write_text(json.dumps(records))
-    write_jsonl(tmp_path / "d.jsonl", records)
-    write_jsonl(tmp_path / "lines.json", records)  # JSON lines under a .json name
-    for name in ("d.json", "d.jsonl", "lines.json"):
-        assert read_records(tmp_path / name) == records
-    examples = load_examples(tmp_path / "d.jsonl")
-    assert examples[0] == Example("a", "", "b", "line 1")
-    assert examples[1] == Example("c", "d", "7", "line 2")  # numbers become text
-
-
-def test_custom_field_names(tmp_path):
-    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "p", "context": None, "response": "r"}])
-    fields = {"instruction": "prompt", "input": "context", "output": "response"}
-    assert load_examples(path, fields=fields) == [Example("p", "", "r", "line 1")]
-
-
-def test_malformed_json_names_file_and_line(tmp_path):
-    bad = tmp_path / "bad.json"
-    bad.write_text('[\n  {"instruction": "a", "output": "b"},\n  {"instruction": "c" "output": "d"}\n]')
-    with pytest.raises(DataError, match=r"bad\.json: malformed JSON at line 3"):
-        read_records(bad)
-    bad_lines = tmp_path / "bad.jsonl"
-    bad_lines.write_text('{"instruction": "a", "output": "b"}\n\n{"instruction": "c", \n')
-    with pytest.raises(DataError, match=r"bad\.jsonl: malformed JSON on line 3"):
-        read_records(bad_lines)
-
-
-def test_missing_and_wrong_fields_name_record_and_field(tmp_path):
-    path = tmp_path / "d.json"
-    path.write_text(json.dumps([{"instruction": "a", "output": "b"}, {"instruction": "c"}]))
-    with pytest.raises(DataError, match=r"d\.json, record 1: missing the output field 'output'") as e:
-        load_examples(path)
-    assert "keys present: ['instruction']" in str(e.value)
-    path.write_text(json.dumps([{"output": "b"}]))
-    with pytest.raises(DataError, match=r"record 0: missing the instruction field 'instruction'"):
-        load_examples(path)
-    path.write_text(json.dumps([{"instruction": "a", "output": ["b"]}]))
-    with pytest.raises(DataError, match=r"record 0: the output field 'output' must be text, got list"):
-        load_examples(path)
-    path.write_text(json.dumps([{"instruction": "a", "output": "b"}, "just a string"]))
-    with pytest.raises(DataError, match=r"record 1: expected a JSON object"):
-        load_examples(path)
-    path.write_text(json.dumps({"data": [{"instruction": "a", "output": "b"}]}))
-    with pytest.raises(DataError, match=r"expected a JSON list of records, got dict.*'data'"):
-        load_examples(path)
-
-
-def test_empty_and_missing_files(tmp_path):
-    for name, text in (("e.json", "[]"), ("e.jsonl", "\n\n")):
-        (tmp_path / name).write_text(text)
-        with pytest.raises(DataError, match=f"{name}: the dataset is empty"):
-            load_examples(tmp_path / name)
-    with pytest.raises(DataError, match="does not exist"):
-        load_examples(tmp_path / "nope.json")
-
-
-def test_nested_instances(tmp_path):
-    """The shape of Stanford Alpaca's seed_tasks.jsonl: samples nested under `instances`."""
-    tasks = [
-        {"id": "t0", "instruction": "Greet.", "instances": [{"input": "", "output": "Hi."}], "is_classification": False},
-        {"id": "t1", "instruction": "Sum.", "instances": [{"input": "1 2", "output": "3"}, {"input": "2 2", "output": "4"}]},
-    ]
-    path = write_jsonl(tmp_path / "seed_tasks.jsonl", tasks)
-    with pytest.raises(DataError, match=r"line 1: missing the output field 'output'.*--instances_field instances"):
-        load_examples(path)
-    examples = load_examples(path, instances_field="instances")
-    assert [(e.instruction, e.input, e.output) for e in examples] == [
-        ("Greet.", "", "Hi."), ("Sum.", "1 2", "3"), ("Sum.", "2 2", "4")
-    ]
-    assert examples[2].where == "line 2, instances[1]"
-    write_jsonl(path, [{"instruction": "x", "instances": "oops"}])
-    with pytest.raises(DataError, match=r"line 1: no list of objects under 'instances'"):
-        load_examples(path, instances_field="instances")
-
-
-# --- splitting -------------------------------------------------------------------------------------------
-def test_split_is_deterministic_and_complete():
-    items = list(range(100))
-    train, val = split_train_val(items, 0.1, seed=42)
-    assert (train, val) == split_train_val(items, 0.1, seed=42)
-    assert len(val) == 10 and sorted(train + val) == items
-    assert split_train_val(items, 0.1, seed=1) != (train, val)
-    assert len(split_train_val(items[:3], 0.05, seed=0)[1]) == 1  # at least one validation sample
-    assert split_train_val(items[:3], 0.0, seed=0)[1] == []
-    with pytest.raises(DataError, match="no training sample would be left"):
-        split_train_val(items[:1], 0.05)
-    with pytest.raises(DataError, match=r"in \[0, 1\)"):
-        split_train_val(items, 1.0)
-
-
-# --- tokenizing ------------------------------------------------------------------------------------------
-EXAMPLES = [
-    Example("Add the two numbers.", "12 and 30", "The answer is 42.", "record 0"),
-    Example("What is the capital of France?", "", "Paris is the capital of France.", "record 1"),
-    Example("Say nothing.", "", "", "record 2"),
-]
-
-
-def test_labels_mask_exactly_the_prompt(checkpoint_dir):
-    tok = Tokenizer(checkpoint_dir)
-    seqs, prompt_lengths, stats = tokenize_examples(EXAMPLES, tok, max_seq_length=512, progress=False)
-    assert stats == {"truncated": 0, "skipped": 0}
-    dataset = InstructionDataset.from_sequences(seqs, prompt_lengths, mask_prompt=True)
-    for ex, (ids, labels), p in zip(EXAMPLES, (dataset[i] for i in range(3)), prompt_lengths):
-        prompt_ids = tok.encode(alpaca_prompt(ex.instruction, ex.input))
-        assert p == len(prompt_ids) and torch.equal(ids[:p], prompt_ids)
-        assert (labels[:p] == IGNORE_INDEX).all() and torch.equal(labels[p:], ids[p:])
-        assert ids[-1] == tok.eos_id and ids.dtype == labels.dtype == torch.int64
-        assert tok.decode(ids[p:], skip_special=True).strip() == ex.output
-    unmasked = InstructionDataset.from_sequences(seqs, prompt_lengths, mask_prompt=False)
-    assert torch.equal(unmasked[0][1], unmasked[0][0])
-
-
-def test_truncation_is_counted(checkpoint_dir):
-    tok = Tokenizer(checkpoint_dir)
-    full, prompts, _ = tokenize_examples(EXAMPLES, tok, 512, progress=False)
-    limit = max(prompts) + 1  # every prompt fits, the longer responses do not
-    seqs, prompts2, stats = tokenize_examples(EXAMPLES, tok, limit, progress=False)
-    assert stats == {"truncated": sum(1 for s in full if len(s) > limit), "skipped": 0}
-    assert stats["truncated"] >= 1 and prompts2 == prompts
-    assert [len(s) for s in seqs] == [min(len(s), limit) for s in full]
-    assert all(torch.equal(a, b[: len(a)]) for a, b in zip(seqs, full))  # the end is cut
-
-
-def test_prompt_longer_than_max_seq_length_names_the_record(checkpoint_dir):
-    tok = Tokenizer(checkpoint_dir)
-    long = Example("word " * 600, "", "short", "line 3")
-    with pytest.raises(DataError, match=r"f.jsonl: 1 sample\(s\).*line 3 \(\d+ prompt tokens\).*--skip_long_prompts"):
-        tokenize_examples(EXAMPLES + [long], tok, 512, progress=False, source="f.jsonl")
-    with pytest.warns(UserWarning, match="line 3"):
-        seqs, _, stats = tokenize_examples(EXAMPLES + [long], tok, 512, progress=False, skip_long_prompts=True)
-    assert len(seqs) == 3 and stats["skipped"] == 1
+def longest_sample(dataset: InstructionDataset) -> tuple[int, int]:
+    """(index, length in tokens) of the longest sample."""
+    lengths = dataset.lengths
+    i = int(torch.argmax(lengths))
+    return i, int(lengths[i])
 
 
 # --- storage ---------------------------------------------------------------------------------------------
@@ -225,18 +64,6 @@ def test_load_prepared_errors(tmp_path):
         load_prepared(tmp_path)
 
 
-def test_prepare_and_load_dir(checkpoint_dir, tmp_path):
-    out = tmp_path / "prepared"
-    examples = [Example(f"Add {i} and {i}.", "", f"The answer is {2 * i}.", f"record {i}") for i in range(20)]
-    summary = prepare_instruction_data(examples, checkpoint_dir, out, source="mem", val_split_fraction=0.1, progress=False)
-    assert summary["train"]["num_samples"] == 18 and summary["val"]["num_samples"] == 2
-    assert json.loads((out / "metadata.json").read_text())["mask_prompt"] is True
-    train, val = load_prepared_dir(out, tokenizer=Tokenizer(checkpoint_dir), block_size=128)
-    assert len(train) == 18 and train.metadata["max_seq_length"] == "128" and train.metadata["split"] == "train"
-    with pytest.raises(DataError, match="block_size is only 4"):
-        load_prepared_dir(out, block_size=4)
-
-
 def test_load_prepared_dir_rejects_another_tokenizer(checkpoint_dir, fresh_checkpoint_dir, tmp_path):
     examples = [Example(f"Add {i} and {i}.", "", f"{2 * i}", f"record {i}") for i in range(5)]
     prepare_instruction_data(examples, checkpoint_dir, tmp_path / "d", progress=False)
@@ -244,17 +71,6 @@ def test_load_prepared_dir_rejects_another_tokenizer(checkpoint_dir, fresh_check
     (fresh_checkpoint_dir / "tokenizer_config.json").write_text(json.dumps({**config, "add_bos_token": False}))
     with pytest.raises(DataError, match="different tokenizer.*Prepare it again"):
         load_prepared_dir(tmp_path / "d", tokenizer=Tokenizer(fresh_checkpoint_dir))
-
-
-def test_prepare_errors(checkpoint_dir, tmp_path):
-    with pytest.raises(DataError, match="max_seq_length 1000 is out of range.*block_size is 128"):
-        prepare_instruction_data(EXAMPLES, checkpoint_dir, tmp_path / "a", max_seq_length=1000, progress=False)
-    blocker = tmp_path / "file"
-    blocker.write_text("")
-    with pytest.raises(DataError, match="Cannot write to.*--destination_path"):
-        prepare_instruction_data(EXAMPLES, checkpoint_dir, blocker / "sub", progress=False)
-    with pytest.raises(DataError, match="needs model_config.yaml and a tokenizer"):
-        prepare_instruction_data(EXAMPLES, tmp_path, tmp_path / "b", progress=False)
 
 
 # --- order and batches -----------------------------------------------------------------------------------
@@ -306,19 +122,83 @@ def test_collate_shifts_and_pads():
     assert input_ids.dtype == targets.dtype == torch.int64
 
 
-def test_collated_batch_trains_the_model(checkpoint_dir):
-    """The targets convention matches the model's loss: only response tokens (and EOS) carry loss."""
-    import dataclasses
+# --- shared prefix ---------------------------------------------------------------------------------------
+def test_shared_prefix_length_is_the_template_without_loss():
+    x, y = template_batch(template_length=10)
+    assert shared_prefix_length(x, y) == 10
+    y[1, 8] = 5  # a position that carries loss ends the shared part there
+    assert shared_prefix_length(x, y) == 8
+    assert shared_prefix_length(x[:1], y[:1]) == 0  # one row: nothing to share
+    short_x, short_y = template_batch(template_length=MIN_SHARED_PREFIX - 1)
+    assert shared_prefix_length(short_x, short_y) == 0  # too short to pay off
+    same = x[:1].repeat(2, 1)
+    assert shared_prefix_length(same, torch.full_like(same, IGNORE_INDEX)) == x.size(1) - 1  # a row keeps a token
 
-    from lit_gpt.config import Config
-    from lit_gpt.model import GPT
 
-    tok = Tokenizer(checkpoint_dir)
-    seqs, prompts, _ = tokenize_examples(EXAMPLES, tok, 512, progress=False)
-    ds = InstructionDataset.from_sequences(seqs, prompts)
-    input_ids, targets = get_batch(ds, [0, 1, 2])
-    n_supervised = sum(len(s) - p for s, p in zip(seqs, prompts))
-    assert int((targets != IGNORE_INDEX).sum()) == n_supervised
-    model = GPT(dataclasses.replace(Config.from_checkpoint(checkpoint_dir), block_size=512))
-    loss = model(input_ids, targets=targets)
-    assert torch.isfinite(loss)
+# --- the training loop's batch stream --------------------------------------------------------------------
+def _templated_dataset() -> InstructionDataset:
+    """8 samples that all begin with the same 12-token template, which carries no loss."""
+    template = list(range(40, 52))
+    sequences = [torch.tensor(template + [i % 7 + 1] * (3 + i % 5)) for i in range(8)]
+    return InstructionDataset.from_sequences(sequences, [len(template) + 1] * 8)
+
+
+def test_batches_carry_their_shared_prefix_unless_turned_off():
+    dataset = _templated_dataset()
+    for flags, expected in (({}, 12), ({"shared_prefix": True}, 12), ({"shared_prefix": False}, 0),
+                            ({"shared_prefix": True, "compile": True}, 0)):
+        train = TrainArgs(micro_batch_size=4, global_batch_size=4, **flags)
+        batch = BatchStream(dataset, train, rank=0, world_size=1, device_type="cpu").next_step()[0]
+        assert batch.shared_prefix == expected
+        assert ("shared_prefix" in batch.model_inputs("cpu")) == (expected > 0)
+
+
+def test_shared_prefix_is_off_by_default_on_a_gpu():
+    dataset = _templated_dataset()
+    for flags, expected in (({}, 0), ({"shared_prefix": True}, 12)):
+        train = TrainArgs(micro_batch_size=4, global_batch_size=4, **flags)
+        assert BatchStream(dataset, train, rank=0, world_size=1, device_type="cuda").next_step()[0].shared_prefix == expected
+
+
+def _dataset(n: int) -> InstructionDataset:
+    samples = random_samples(n, seed=1)
+    return InstructionDataset.from_sequences([ids for ids, _ in samples], [len(ids) // 3 for ids, _ in samples])
+
+
+def _segments(batch) -> list[tuple[int, ...]]:
+    """The samples inside packed rows: runs of positions 0, 1, 2, ... (padding is a run of length 1)."""
+    out = []
+    for ids, pos in zip(batch.input_ids.tolist(), batch.positions.tolist()):
+        starts = [i for i, p in enumerate(pos) if p == 0] + [len(pos)]
+        out += [tuple(ids[a:b]) for a, b in zip(starts, starts[1:]) if b - a > 1]
+    return out
+
+
+def test_packing_uses_every_sample_once_per_epoch():
+    dataset = _dataset(23)  # every sample has >= 3 input tokens, so padding runs (length 1) are not samples
+    train = TrainArgs(micro_batch_size=2, global_batch_size=4, packing=True, seed=3)
+    stream = BatchStream(dataset, train, rank=0, world_size=1, device_type="cpu")
+    packed = []
+    while len(packed) < len(dataset):
+        for batch in stream.next_step():
+            assert batch.input_ids.size(1) <= stream.row_length
+            packed += _segments(batch)
+    expected = sorted(tuple(dataset[i][0][:-1].tolist()) for i in range(len(dataset)))
+    assert sorted(packed[: len(dataset)]) == expected
+
+
+def test_a_restored_position_continues_with_the_same_batches():
+    dataset = _dataset(30)
+    for packing in (False, True):
+        train = TrainArgs(micro_batch_size=2, global_batch_size=4, packing=packing, seed=5)
+        first = BatchStream(dataset, train, rank=0, world_size=1, device_type="cpu")
+        for _ in range(3):
+            first.next_step()
+        saved = DataPosition(first.position.epoch, first.position.index)
+        expected = [first.next_step() for _ in range(6)]
+        second = BatchStream(dataset, train, rank=0, world_size=1, device_type="cpu")
+        second.position = saved
+        for want in expected:
+            got = second.next_step()
+            for a, b in zip(want, got):
+                assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.targets, b.targets)

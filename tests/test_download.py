@@ -98,14 +98,14 @@ def test_download_and_real_conversion_give_a_loadable_checkpoint(download, check
     """End to end without the network: the 'hub' serves an HF copy of the tiny checkpoint."""
     from lit_gpt.checkpoint import WEIGHTS_FILE, load_weights_file
     from lit_gpt.convert import convert_lit_checkpoint
-    from lit_gpt.generation import load_model
+    from lit_gpt.loading import load_base_model
 
     hf_dir = convert_lit_checkpoint(checkpoint_dir, tmp_path / "hf")
     snapshot_download, _ = fake_hub({p.name: p for p in Path(hf_dir).iterdir()})
     out = tmp_path / "checkpoints" / "org" / "tiny"
     with mock.patch.object(download, "snapshot_download", snapshot_download):
         download.main(repo_id="org/tiny", checkpoint_dir=out)
-    model, _ = load_model(out)
+    model, _ = load_base_model(out)
     original = load_weights_file(checkpoint_dir / WEIGHTS_FILE)
     for name, tensor in original.items():
         assert torch.equal(model.state_dict()[name], tensor), name

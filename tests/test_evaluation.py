@@ -17,7 +17,7 @@ import torch
 import yaml
 
 from lit_gpt.checkpoint import WEIGHTS_FILE, load_weights_file, save_safetensors
-from lit_gpt.data import DataError, Example, prepare_instruction_data
+from lit_gpt.data import DataError
 from lit_gpt.evaluation import (
     answer_type_of,
     evaluate,
@@ -31,6 +31,7 @@ from lit_gpt.evaluation import (
     summarize,
 )
 from lit_gpt.generation import generate
+from lit_gpt.prepare import Example, prepare_instruction_data
 from lit_gpt.tokenizer import Tokenizer
 
 from conftest import make_checkpoint_dir, run_script_in_process
@@ -159,9 +160,10 @@ def data_file(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def lora_dir(checkpoint_dir, tmp_path_factory) -> Path:
     """A LoRA output directory as finetune/lora.py writes it, with non-zero (so not identity) LoRA weights."""
-    from lit_gpt import lora, training
-    from lit_gpt.model import GPT
+    from lit_gpt import lora, outputs
+    from lit_gpt.checkpoint import base_fingerprint
     from lit_gpt.config import Config
+    from lit_gpt.model import GPT
 
     settings = lora.LoRASettings(r=4, alpha=8, dropout=0.0, mlp=True)
     torch.manual_seed(3)
@@ -169,11 +171,11 @@ def lora_dir(checkpoint_dir, tmp_path_factory) -> Path:
     with torch.no_grad():
         for name in lora.peft_parameter_names(model):
             model.get_parameter(name).normal_(0, 0.3)
-    hparams = training.run_hyperparameters("lora", settings, checkpoint_dir=checkpoint_dir)
-    hparams["base_fingerprint"] = training.base_fingerprint(checkpoint_dir)
+    hparams = outputs.run_hyperparameters("lora", settings, checkpoint_dir=checkpoint_dir)
+    hparams["base_fingerprint"] = base_fingerprint(checkpoint_dir)
     out = tmp_path_factory.mktemp("lora_out") / "final"
-    training.save_output_dir(Fabric(accelerator="cpu", devices=1), out, lora.state_dict_to_save(model),
-                             "lora.safetensors", hparams, checkpoint_dir)
+    outputs.save_output_dir(Fabric(accelerator="cpu", devices=1), out, lora.state_dict_to_save(model),
+                            lora.WEIGHTS_FILE, hparams, checkpoint_dir)
     return out
 
 

@@ -38,8 +38,9 @@ from safetensors.torch import load_file
 
 from lit_gpt.args import EvalArgs, TrainArgs
 from lit_gpt.checkpoint import WEIGHTS_FILE, CheckpointError, load_weights_file, save_safetensors
-from lit_gpt.data import Example, prepare_instruction_data
-from lit_gpt.peft import METHODS, load_finetuned
+from lit_gpt.loading import load_base_model, load_finetuned
+from lit_gpt.peft import METHODS
+from lit_gpt.prepare import Example, prepare_instruction_data
 from lit_gpt.prompts import alpaca_prompt
 from lit_gpt.tokenizer import Tokenizer
 
@@ -181,7 +182,7 @@ def test_script_writes_a_self_describing_output_dir(method, trained, base, data)
     assert all(math.isfinite(v) for v in [*train_loss.values(), *val_loss.values()])
 
     if method != "full":  # settings and base come from hyperparameters.yaml alone
-        model, _ = load_finetuned(final, method)
+        model, _ = load_finetuned(final, method=method)
         assert METHODS[method].peft_parameter_names(model) == set(load_file(final / WEIGHTS[method]))
 
 
@@ -388,14 +389,14 @@ def test_adapter_weights_on_another_base_fail_the_fingerprint_check(trained, tmp
                                       str(other), "--max_new_tokens", "2", monkeypatch=monkeypatch, capsys=capsys)
     assert_clean_error(code, err, "another base checkpoint", "--checkpoint_dir", str(other))
     with pytest.raises(CheckpointError, match="fingerprint"):
-        load_finetuned(final, "adapter", other)
+        load_finetuned(final, other, method="adapter")
 
 
 def test_generate_lora_on_an_adapter_dir_names_the_right_script(trained, monkeypatch, capsys):
     final = trained("adapter") / "final"
     code, _, err = run_script_in_process("generate/lora.py", "--finetuned_dir", str(final), "--max_new_tokens", "2",
                                       monkeypatch=monkeypatch, capsys=capsys)
-    assert_clean_error(code, err, "'adapter'", "'lora'", "generate/adapter.py")
+    assert_clean_error(code, err, "'adapter'", "'lora'", "generate/finetuned.py")
 
 
 @pytest.mark.slow
@@ -407,8 +408,6 @@ def test_cli_errors_leave_no_traceback_in_a_real_process(base, tmp_path):
 
 # --- merge_lora ---------------------------------------------------------------------------------------------
 def test_merged_checkpoint_matches_the_lora_model_and_is_a_normal_checkpoint(trained, tmp_path, monkeypatch, capsys):
-    from lit_gpt.generation import load_model
-
     final = trained("lora") / "final"
     merged = tmp_path / "merged"
     code, out, err = run_script_in_process("scripts/merge_lora.py", "--finetuned_dir", str(final), "--out_dir",
@@ -423,8 +422,8 @@ def test_merged_checkpoint_matches_the_lora_model_and_is_a_normal_checkpoint(tra
     # In float64 the only difference left is the rounding of the merged float32 weights.
     report = []
     for dtype, tolerance in ((torch.float64, 1e-5), (torch.float32, 1e-4)):
-        lora_model, _ = load_finetuned(final, "lora", dtype=dtype)
-        merged_model, _ = load_model(merged, dtype=dtype)
+        lora_model, _ = load_finetuned(final, dtype=dtype, method="lora")
+        merged_model, _ = load_base_model(merged, dtype=dtype)
         with torch.no_grad():
             expected, actual = lora_model(idx), merged_model(idx)
         difference = float((actual - expected).abs().max())
@@ -454,7 +453,7 @@ def test_merge_refuses_an_adapter_dir(trained, tmp_path, monkeypatch, capsys):
     final = trained("adapter") / "final"
     code, _, err = run_script_in_process("scripts/merge_lora.py", "--finetuned_dir", str(final), "--out_dir",
                                       str(tmp_path / "m"), monkeypatch=monkeypatch, capsys=capsys)
-    assert_clean_error(code, err, "--finetuned_dir", "'adapter'", "generate/adapter.py")
+    assert_clean_error(code, err, "--finetuned_dir", "'adapter'", "generate/finetuned.py")
     assert not (tmp_path / "m").exists()
 
 
@@ -464,9 +463,8 @@ def test_merge_on_a_tied_embedding_base(head, tmp_path, monkeypatch, capsys):
     in (it would change the input embedding too), and the error says what to do instead."""
     from lit_gpt import lora
     from lit_gpt.config import Config
-    from lit_gpt.generation import load_model
+    from lit_gpt.checkpoint import base_fingerprint
     from lit_gpt.model import GPT
-    from lit_gpt.training import base_fingerprint
 
     tied = make_checkpoint_dir(tmp_path / "tied", tie_embeddings=True)
     settings = lora.LoRASettings(head=head, mlp=True)
@@ -487,13 +485,13 @@ def test_merge_on_a_tied_embedding_base(head, tmp_path, monkeypatch, capsys):
         assert not (tmp_path / "m").exists()
         return
     assert code == 0, err
-    merged, _ = load_model(tmp_path / "m")
+    merged, _ = load_base_model(tmp_path / "m")
     assert merged.lm_head.weight is merged.wte.weight
-    unmerged, _ = load_finetuned(finetuned, "lora")
+    unmerged, _ = load_finetuned(finetuned, method="lora")
     idx = torch.arange(1, 20)[None]
     with torch.no_grad():
         assert float((merged(idx) - unmerged(idx)).abs().max()) < 1e-5
-        assert float((merged(idx) - load_model(tied)[0](idx)).abs().max()) > 1e-3  # the update is in there
+        assert float((merged(idx) - load_base_model(tied)[0](idx)).abs().max()) > 1e-3  # the update is in there
 
 
 def test_merge_is_done_in_full_precision_and_keeps_the_base_dtype(tmp_path, monkeypatch, capsys):

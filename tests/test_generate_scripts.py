@@ -45,10 +45,11 @@ def test_base_streams_a_greedy_completion_and_reports_stats(checkpoint_dir):
     # The same completion as lit_gpt.generation in-process (greedy, stopping at EOS).
     import torch
 
-    from lit_gpt.generation import generate, load_model
+    from lit_gpt.generation import generate
+    from lit_gpt.loading import load_base_model
 
     tokenizer = Tokenizer(checkpoint_dir)
-    model, _ = load_model(checkpoint_dir)
+    model, _ = load_base_model(checkpoint_dir)
     ids = list(generate(model, tokenizer.encode(prompt), 12, stop_ids=tokenizer.stop_ids))
     assert samples[0] == tokenizer.decode(torch.tensor(ids, dtype=torch.long)) + "\n"
     assert int(stats[0][0]) == len(ids)

@@ -9,10 +9,10 @@ import torch
 
 from lit_gpt.checkpoint import CheckpointError
 from lit_gpt.generation import generate, load_model, sample, top_p_filter
-from lit_gpt.model import GPT, Linear, linear, pack_weights, packed_weight
-from lit_gpt.utils import choose_precision, num_parameters, precision_to_dtype
+from lit_gpt.model import GPT
+from lit_gpt.utils import choose_precision, precision_to_dtype
 
-from conftest import tiny_llama_config, torch_threads
+from conftest import tiny_llama_config
 
 
 # --- sample --------------------------------------------------------------------------------------------------
@@ -177,121 +177,6 @@ def test_too_long_prompt_is_a_clear_error_at_call_time(model):
 
 
 # --- load_model ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("rows", [1, 3, 64, 65])  # 65 rows: past the split threshold, plain F.linear
-@pytest.mark.parametrize("threads", [1, 2, 3])
-def test_thread_split_linear_equals_f_linear(rows, threads):
-    torch.manual_seed(0)
-    # Small integers: every product and sum is exact in fp32, so any summation order gives identical results.
-    weight = torch.randint(-4, 5, (1536, 96)).float()  # 1536 rows: divisible by 1, 2 and 3 threads
-    bias = torch.randint(-4, 5, (1536,)).float()
-    x = torch.randint(-4, 5, (rows, 1, 96)).float().requires_grad_()
-    with torch_threads(threads):
-        got = linear(x, weight, bias)
-    expected = torch.nn.functional.linear(x, weight, bias)
-    assert got.shape == expected.shape == (rows, 1, 1536)
-    assert torch.equal(got, expected)
-    (grad,) = torch.autograd.grad(got.sum(), x)
-    assert torch.equal(grad, torch.autograd.grad(expected.sum(), x)[0])
-
-
-def test_thread_split_linear_follows_its_weight_and_does_not_keep_it_alive():
-    import gc
-    import weakref
-
-    import lit_gpt.model as model_module
-
-    weight = torch.randint(-4, 5, (1536, 96)).float()
-    x = torch.randint(-4, 5, (1, 1, 96)).float()
-    with torch_threads(2):
-        first = linear(x, weight)  # caches the weight's per-thread blocks
-        weight.mul_(2)  # changed in place, as merging LoRA weights does
-        assert torch.equal(linear(x, weight), 2 * first)
-        weight.data = torch.ones_like(weight)  # new storage under the same tensor
-        assert torch.equal(linear(x, weight), torch.nn.functional.linear(x, weight))
-        trainable = torch.nn.Parameter(weight.clone())
-        linear(x, trainable).sum().backward()  # a weight that takes gradients gets them
-        assert torch.equal(trainable.grad, x.reshape(1, 96).expand(1536, 96))
-        gone, key = weakref.ref(weight), id(weight)
-        assert key in model_module._THREAD_BLOCKS
-        del weight
-        gc.collect()
-        assert gone() is None  # the cache holds no reference to the weight
-        assert key not in model_module._THREAD_BLOCKS  # and forgets it when it goes
-
-
-@pytest.mark.slow  # compiles a small graph (~10 s cold on 2 cores)
-def test_thread_split_linear_compiles_into_one_graph():
-    # fullgraph=True fails on any graph break: the split (and its thread count) is traced, not skipped.
-    weight = torch.randint(-4, 5, (1536, 96)).float()
-    x = torch.randint(-4, 5, (1, 1, 96)).float()
-    with torch_threads(2):
-        torch._dynamo.reset()
-        try:
-            got = torch.compile(linear, fullgraph=True, dynamic=False)(x, weight)
-        finally:
-            torch._dynamo.reset()
-    assert torch.equal(got, torch.nn.functional.linear(x, weight))
-
-
-def test_model_linear_layers_keep_plain_linear_state_dicts():
-    model = GPT(tiny_llama_config())
-    assert isinstance(model.lm_head, torch.nn.Linear) and isinstance(model.blocks[0].attn.query, Linear)
-    plain = torch.nn.Linear(model.config.n_embd, model.config.padded_vocab_size, bias=False)
-    assert plain.state_dict().keys() == model.lm_head.state_dict().keys()
-
-
-def _packed_copy(model: GPT) -> GPT:
-    packed = GPT(model.config).eval()
-    packed.load_state_dict(model.state_dict())
-    return pack_weights(packed)
-
-
-def test_packed_weights_keep_parameters_and_outputs():
-    torch.manual_seed(0)
-    model = GPT(tiny_llama_config(bias=True)).eval()  # biases too: they are packed like the weights
-    packed = _packed_copy(model)
-    attn, mlp = packed.blocks[0].attn, packed.blocks[0].mlp
-    with torch.inference_mode():
-        assert packed_weight((attn.query, attn.key, attn.value)) is not None
-        assert packed_weight((mlp.fc_1, mlp.fc_2)) is not None
-        assert attn.key.weight.data_ptr() == attn.query.weight.data_ptr() + attn.query.weight.nbytes
-        idx = torch.randint(0, 320, (2, 11))
-        torch.testing.assert_close(packed(idx), model(idx))
-    assert packed.state_dict().keys() == model.state_dict().keys()
-    for name, tensor in packed.state_dict().items():
-        assert torch.equal(tensor, model.state_dict()[name]), name
-    prompt = torch.tensor([3, 17, 42, 5, 9])
-    assert list(generate(packed, prompt, 10)) == list(generate(model, prompt, 10))
-
-
-def test_packed_layers_run_one_by_one_when_packing_no_longer_holds():
-    from lit_gpt import lora
-
-    model = _packed_copy(GPT(tiny_llama_config()))
-    attn = model.blocks[0].attn
-    group = (attn.query, attn.key, attn.value)
-    assert packed_weight(group) is None  # gradients enabled and the weights require them: separate products
-    with torch.no_grad():
-        assert packed_weight(group) is not None
-        model.double()  # cast after packing: the buffer no longer holds the weights
-        assert packed_weight(group) is None
-    model = _packed_copy(GPT(tiny_llama_config()))
-    lora.apply(model, lora.LoRASettings(r=2, alpha=4, query=True, value=True))
-    attn = model.blocks[0].attn
-    with torch.no_grad():  # LoRA-wrapped query and value must add their update: no shared product
-        assert packed_weight((attn.query, attn.key, attn.value)) is None
-
-
-def test_a_packed_model_saves_and_reloads(tmp_path):
-    from lit_gpt.checkpoint import load_weights_file, save_safetensors
-
-    model = _packed_copy(GPT(tiny_llama_config()))
-    save_safetensors(model.state_dict(), tmp_path / "model.safetensors")  # views of one buffer: copied out
-    saved = load_weights_file(tmp_path / "model.safetensors")
-    assert saved.keys() == model.state_dict().keys()
-    assert all(torch.equal(saved[name], tensor) for name, tensor in model.state_dict().items())
-
-
 def test_load_model_matches_the_saved_weights(checkpoint_dir):
     from lit_gpt.checkpoint import WEIGHTS_FILE, load_weights_file
 
@@ -350,6 +235,16 @@ def test_choose_precision_on_a_cuda_gpu_without_bf16(monkeypatch):
         choose_precision("bf16-true", "cuda")
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
     assert choose_precision(None, "cuda") == "bf16-true"
+
+
+def num_parameters(module: torch.nn.Module, requires_grad: bool | None = None) -> int:
+    """Number of parameter elements in `module` (tied parameters counted once).
+
+    `requires_grad` True/False counts only trainable/frozen parameters; None counts all.
+    """
+    return sum(
+        p.numel() for p in module.parameters() if requires_grad is None or p.requires_grad == requires_grad
+    )
 
 
 def test_num_parameters_counts_tied_weights_once():

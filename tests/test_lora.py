@@ -10,7 +10,8 @@ from conftest import tiny_llama_config
 from lit_gpt import lora
 from lit_gpt.config import Config
 from lit_gpt.lora import LoRALinear, LoRASettings
-from lit_gpt.model import GPT, Linear
+from lit_gpt.kernels import Linear
+from lit_gpt.model import GPT
 
 
 def randomize_lora(model: nn.Module, seed: int = 1) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import lit_gpt.data
+import lit_gpt.prepare
 from lit_gpt.config import Config
 from lit_gpt.data import DataError, load_prepared, load_prepared_dir
 from lit_gpt.model import IGNORE_INDEX
@@ -71,7 +71,7 @@ def mock_download(monkeypatch, payload: bytes) -> list[str]:
         urls.append(url)
         return FakeResponse(payload)
 
-    monkeypatch.setattr(lit_gpt.data, "urlopen", fake_urlopen)
+    monkeypatch.setattr(lit_gpt.prepare, "urlopen", fake_urlopen)
     return urls
 
 
@@ -105,7 +105,7 @@ def test_prepare_alpaca_network_error(monkeypatch, long_checkpoint, tmp_path):
     def offline(url, timeout=None):
         raise OSError("no route to host")
 
-    monkeypatch.setattr(lit_gpt.data, "urlopen", offline)
+    monkeypatch.setattr(lit_gpt.prepare, "urlopen", offline)
     with pytest.raises(DataError, match="Could not download .*alpaca_data.json.*--data_file"):
         load_script("prepare_alpaca").prepare(long_checkpoint, destination_path=tmp_path / "a")
 

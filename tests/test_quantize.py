@@ -36,9 +36,9 @@ from lit_gpt import lora, quantize  # noqa: E402
 from lit_gpt.adapter_v2 import AdapterV2Linear  # noqa: E402
 from lit_gpt.args import EvalArgs, TrainArgs  # noqa: E402
 from lit_gpt.checkpoint import WEIGHTS_FILE  # noqa: E402
-from lit_gpt.data import Example, prepare_instruction_data  # noqa: E402
-from lit_gpt.generation import load_model  # noqa: E402
-from lit_gpt.model import Linear  # noqa: E402
+from lit_gpt.loading import load_base_model  # noqa: E402
+from lit_gpt.kernels import Linear  # noqa: E402
+from lit_gpt.prepare import Example, prepare_instruction_data  # noqa: E402
 from lit_gpt.quantize import QuantizeError, check_quantize  # noqa: E402
 
 from conftest import SUBPROCESS_ENV, make_checkpoint_dir  # noqa: E402
@@ -138,8 +138,8 @@ def test_layers_compute_through_the_quantized_weight(mode):
 @pytest.mark.parametrize("tie", [False, True])
 def test_load_base_model_quantizes_every_untied_linear(tmp_path, tie):
     directory = make_checkpoint_dir(tmp_path / "ckpt", n_embd=64, intermediate_size=128, tie_embeddings=tie)
-    full, _ = load_model(directory)
-    model, config = load_model(directory, quantize="bnb.nf4")
+    full, _ = load_base_model(directory)
+    model, config = load_base_model(directory, quantize="bnb.nf4")
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     assert len(linears) == 7 * config.n_layer + 1
     for name, module in linears.items():
@@ -158,14 +158,14 @@ def test_load_base_model_quantizes_every_untied_linear(tmp_path, tie):
 # --- peak memory of loading --------------------------------------------------------------------------------
 MEMORY_SCRIPT = r"""
 import json, resource, sys, torch
-from lit_gpt.generation import load_model
+from lit_gpt.loading import load_base_model
 import bitsandbytes  # imported before the baseline: its import alone is ~100 MB
 def status(key):  # VmRSS / VmHWM of this process, bytes
     return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(key + ":"))
 with open("/proc/self/clear_refs", "w") as f:
     f.write("5")  # reset the peak (VmHWM) to the current RSS, so import-time peaks do not count
 before = status("VmRSS")
-model, _ = load_model(sys.argv[1], quantize=None if sys.argv[2] == "none" else sys.argv[2])
+model, _ = load_base_model(sys.argv[1], quantize=None if sys.argv[2] == "none" else sys.argv[2])
 with torch.no_grad():  # touch every weight: a plain safetensors load is lazy (mmap) until used
     sum(float(p.float().sum()) for p in model.parameters())
 stored = sum(p.untyped_storage().nbytes() for p in model.parameters())
@@ -270,7 +270,7 @@ def test_finetune_with_nf4_base_learns_and_saves_only_the_method_weights(method,
               "adapter_v2": __import__("lit_gpt.adapter_v2").adapter_v2}[method]
     from lit_gpt.peft import settings_from_dict
 
-    fresh, _ = quantize.load_base_model(base, "bnb.nf4", "cpu", torch.float32)
+    fresh, _ = load_base_model(base, "cpu", torch.float32, "bnb.nf4")
     module.apply(fresh, settings_from_dict(method, hparams["settings"]))
     assert set(saved) == module.peft_parameter_names(fresh)
     assert all(t.is_floating_point() for t in saved.values())
@@ -289,7 +289,7 @@ def test_finetune_with_nf4_base_learns_and_saves_only_the_method_weights(method,
 
 def test_training_changes_only_the_lora_weights(base):
     """In-process: a few optimizer steps on an NF4 base leave every quantized byte and every frozen float alone."""
-    model, config = quantize.load_base_model(base, "bnb.nf4", "cpu", torch.float32)
+    model, config = load_base_model(base, "cpu", torch.float32, "bnb.nf4")
     lora.apply(model, lora.LoRASettings(r=4, mlp=True))
     lora.mark_trainable(model)
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -385,7 +385,7 @@ def test_cli_errors(base, data, tmp_path, monkeypatch, capsys):
 
 
 def test_lora_merge_of_a_quantized_model_points_to_merge_lora(base):
-    model, _ = quantize.load_base_model(base, "bnb.nf4", "cpu", torch.float32)
+    model, _ = load_base_model(base, "cpu", torch.float32, "bnb.nf4")
     lora.apply(model, lora.LoRASettings())
     with pytest.raises(QuantizeError, match="merge_lora.py"):
         lora.merge(model)

@@ -41,22 +41,46 @@ def test_finetune_scripts_exist():
     assert {"lora.py", "adapter.py", "adapter_v2.py", "full.py"} <= names
 
 
-def test_fit_is_identical_in_every_finetune_script():
-    reference = _function_source(FINETUNE_SCRIPTS[0], "fit")
-    for path in FINETUNE_SCRIPTS[1:]:
-        assert _function_source(path, "fit") == reference, f"fit() in {path.name} drifted from {FINETUNE_SCRIPTS[0].name}"
+def test_no_finetune_script_has_a_training_loop_of_its_own():
+    """The loop lives once, in lit_gpt.training.fit: every script calls it, none steps an optimizer itself."""
+    for path in FINETUNE_SCRIPTS:
+        tree = ast.parse(path.read_text())
+        functions = {node.name for node in tree.body if isinstance(node, ast.FunctionDef)}
+        calls = {ast.unparse(node.func) for node in ast.walk(tree) if isinstance(node, ast.Call)}
+        assert "fit" not in functions, f"{path.name} defines its own fit()"
+        assert "training.fit" in calls, f"{path.name} does not call training.fit"
+        assert not calls & {"optimizer.step", "fabric.backward", "loss.backward"}, f"{path.name} has a loop of its own"
 
 
-def test_main_differs_only_in_method_lines():
-    """main() is the same story everywhere; at most the PEFT apply/mark lines differ."""
-    bodies = {p.name: _function_source(p, "main").splitlines() for p in FINETUNE_SCRIPTS}
-    reference = bodies["lora.py"]
-    for name, lines in bodies.items():
-        differing = set(lines) ^ set(reference)
-        assert all("method." in line or "allowed_missing" in line or "requires_grad" in line for line in differing), (
-            name,
-            sorted(differing),
-        )
+def _lines(path: Path, name: str) -> list[str]:
+    return _function_source(path, name).splitlines()
+
+
+def test_main_differs_only_in_the_method_lines():
+    """main() tells the same story in every finetune script, in the same order: the PEFT scripts' are identical,
+    and full finetuning's is theirs without the two lines that apply the method and mark what trains."""
+    reference = _lines(ROOT / "finetune" / "lora.py", "main")
+    method_lines = ["    method.apply(model, settings)", "    method.mark_trainable(model)"]
+    assert all(line in reference for line in method_lines)
+    for path in FINETUNE_SCRIPTS:
+        expected = [line for line in reference if line not in method_lines] if path.name == "full.py" else reference
+        assert _lines(path, "main") == expected, f"main() in {path.name} drifted from lora.py's"
+
+
+def test_peft_scripts_save_alike_and_set_up_alike():
+    """save() is one line per PEFT script (its method module names the weights file), and setup() ends with the
+    same two calls: start the run, launch main."""
+    peft_scripts = [p for p in FINETUNE_SCRIPTS if p.name != "full.py"]
+    reference = ROOT / "finetune" / "lora.py"
+    for path in peft_scripts:
+        body = [line for line in _lines(path, "save") if '"""' not in line]
+        assert body == [line for line in _lines(reference, "save") if '"""' not in line], path.name
+    for path in FINETUNE_SCRIPTS:
+        tail = _lines(path, "setup")[-2:]
+        expected = _lines(reference, "setup")[-2:]
+        if path.name == "full.py":  # no method module and no --quantize: the method is FULL, quantize None
+            expected = [line.replace("method.NAME", "FULL").replace(" quantize,", " None,") for line in expected]
+        assert tail == expected, f"setup() of {path.name} ends differently from lora.py's: {tail}"
 
 
 @pytest.mark.parametrize("path", ALL_SCRIPTS, ids=lambda p: f"{p.parent.name}/{p.name}")
@@ -116,7 +140,8 @@ def test_every_train_and_eval_field_is_honoured_somewhere():
 
 
 def test_peft_generate_scripts_differ_only_in_their_method():
-    """generate/lora.py, adapter.py and adapter_v2.py are one script with a different METHOD (and docstring)."""
+    """generate/lora.py, adapter.py and adapter_v2.py are one thin entry point with a different METHOD (and
+    docstring) over lit_gpt.generation.answer_instruction, which generate/finetuned.py runs for any method."""
 
     def body(name: str) -> list[str]:
         tree = ast.parse((ROOT / "generate" / name).read_text())

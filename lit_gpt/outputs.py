@@ -1,0 +1,165 @@
+"""What a finetune run writes into its `--out_dir`, and reads back when it resumes.
+
+    out/lora/
+      final/                     the trained weights, self-described (see `save_output_dir`):
+        lora.safetensors           the method's tensors only (a full finetune: lit_model.safetensors)
+        hyperparameters.yaml       method, its settings, base checkpoint and its fingerprint, every flag
+        model_config.yaml, tokenizer.json, ...   copied from the base checkpoint
+      step-000100/               the same, every --train.save_interval steps
+      resume_state.pt            trainable weights, optimizer, step, data position, RNG: `--resume true`
+      metrics.csv                losses, learning rate, speed (written by `lit_gpt.training.ProgressLog`)
+
+Every file is written atomically (a killed run leaves the old version or the new one, never half of one),
+and nothing is unpickled when read back: the resume state goes through `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import yaml
+from lightning_fabric import Fabric
+
+from lit_gpt.checkpoint import CONFIG_FILE, TOKENIZER_EXTRA_FILES, TOKENIZER_FILES, save_safetensors
+from lit_gpt.data import DataPosition
+
+HPARAMS_FILE = "hyperparameters.yaml"
+RESUME_FILE = "resume_state.pt"
+LOG_FILE = "metrics.csv"
+
+
+# --- hyperparameters.yaml -----------------------------------------------------------------------------------
+def run_hyperparameters(method: str, settings: Any, **values: Any) -> dict[str, Any]:
+    """The hyperparameters.yaml content: method, its settings, and everything else the run was given."""
+    out: dict[str, Any] = {"method": method, "settings": asdict(settings) if settings is not None else {}}
+    for key, value in values.items():
+        out[key] = asdict(value) if hasattr(value, "__dataclass_fields__") else value
+    return json.loads(json.dumps(out, default=str))  # plain types only, so yaml.safe_dump works
+
+
+def read_hyperparameters(finetuned_dir: str | Path) -> dict[str, Any]:
+    """The `hyperparameters.yaml` a finetune run wrote into its output directory."""
+    path = Path(finetuned_dir) / HPARAMS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{str(path)!r} does not exist: --finetuned_dir must be an output directory of a finetune run "
+            "(e.g. out/lora/final), which holds the weights and the hyperparameters.yaml that describes them."
+        )
+    return yaml.safe_load(path.read_text())
+
+
+# --- output directories -------------------------------------------------------------------------------------
+def save_output_dir(
+    fabric: Fabric,
+    out_dir: Path,
+    weights: dict[str, torch.Tensor],
+    weights_file: str,
+    hparams: dict[str, Any],
+    checkpoint_dir: Path,
+) -> None:
+    """Write a self-describing output directory atomically (rank 0): weights, hyperparameters, config, tokenizer.
+
+    The directory is assembled under a temporary name and renamed into place, so a killed run leaves
+    either the previous directory or the new one.
+    """
+    if fabric.is_global_zero:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private (0700); an output directory is an ordinary readable one
+        try:
+            metadata = {"method": str(hparams["method"]), "hyperparameters": json.dumps(hparams, default=str)}
+            save_safetensors(weights, tmp / weights_file, metadata=metadata)
+            (tmp / HPARAMS_FILE).write_text(yaml.safe_dump(hparams, sort_keys=False))
+            for name in (CONFIG_FILE, *TOKENIZER_FILES, *TOKENIZER_EXTRA_FILES):
+                if (checkpoint_dir / name).is_file():
+                    shutil.copy2(checkpoint_dir / name, tmp / name)
+            if out_dir.exists():
+                old = out_dir.with_name(f".{out_dir.name}.old")
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(out_dir, old)
+                os.replace(tmp, out_dir)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, out_dir)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    fabric.barrier()
+
+
+# --- resume state -------------------------------------------------------------------------------------------
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters that train, by name (what resume needs besides the optimizer)."""
+    return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def save_resume_state(
+    fabric: Fabric,
+    out_dir: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    step: int,
+    position: DataPosition,
+) -> None:
+    """Everything needed to continue exactly: trainable weights, optimizer, step, data position, RNG (all ranks)."""
+    rng = torch.get_rng_state()
+    rng_all = fabric.all_gather(rng.to(fabric.device)).cpu() if fabric.world_size > 1 else rng[None]
+    cuda_rng = torch.cuda.get_rng_state() if torch.cuda.is_available() else None
+    cuda_all = None
+    if cuda_rng is not None:
+        cuda_all = fabric.all_gather(cuda_rng.to(fabric.device)).cpu() if fabric.world_size > 1 else cuda_rng[None]
+    state = {
+        "trainable": {k: v.cpu() for k, v in trainable_state(model).items()},
+        "optimizer": optimizer.state_dict(),
+        "step": step,
+        "epoch": position.epoch,
+        "index": position.index,
+        "rng": rng_all.reshape(fabric.world_size, -1),
+        "cuda_rng": cuda_all,
+    }
+    if fabric.is_global_zero:
+        path = out_dir / RESUME_FILE
+        fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{RESUME_FILE}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            torch.save(state, tmp)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    fabric.barrier()
+
+
+def load_resume_state(
+    fabric: Fabric, out_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer
+) -> tuple[int, DataPosition]:
+    """Restore what `save_resume_state` wrote; returns (step, data position)."""
+    path = out_dir / RESUME_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"--resume was given but {path} does not exist: no earlier run saved a checkpoint in --out_dir {out_dir}. "
+            "Drop --resume to start a new run, or point --out_dir at the run to continue."
+        )
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    params = dict(model.named_parameters())
+    trainable = {k for k, p in params.items() if p.requires_grad}
+    if set(state["trainable"]) != trainable:
+        raise ValueError(
+            f"{path} was saved by a run with different trainable parameters (method or settings changed). "
+            "Resume with the same flags as the original run."
+        )
+    with torch.no_grad():
+        for name, tensor in state["trainable"].items():
+            params[name].copy_(tensor)
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"][fabric.global_rank].clone())
+    if state["cuda_rng"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda_rng"][fabric.global_rank].clone())
+    return int(state["step"]), DataPosition(int(state["epoch"]), int(state["index"]))
