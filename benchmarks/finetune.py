@@ -58,7 +58,6 @@ import os
 import platform
 import re
 import shutil
-import site
 import statistics
 import subprocess
 import sys
@@ -101,19 +100,17 @@ def log(message: str) -> None:
 
 
 def site_dirs() -> list[str]:
-    """This interpreter's site-packages directories, in the order of its `sys.path`.
+    """The site-packages directories this interpreter's installed packages live in, in import order.
 
-    In a virtual environment these are its own (plus the base interpreter's when it was made with
-    --system-site-packages); for a plain interpreter, the system ones and the user's where enabled.
+    In a virtual environment these are its own (and the base interpreter's when it was made with
+    --system-site-packages); for a plain interpreter, the system ones (and the user's, where enabled).
     """
-    known = {os.path.realpath(d) for d in site.getsitepackages()}
-    if site.ENABLE_USER_SITE:
-        known.add(os.path.realpath(site.getusersitepackages()))
     dirs: list[str] = []
-    for entry in sys.path:
-        real = os.path.realpath(entry) if entry else ""
-        if real in known and real not in dirs and os.path.isdir(real):
-            dirs.append(real)
+    for dist in importlib.metadata.distributions():
+        where = os.path.realpath(dist.locate_file(""))
+        # Only site directories: not a source tree that is on the path as the working directory.
+        if os.path.basename(where) in ("site-packages", "dist-packages") and where not in dirs:
+            dirs.append(where)
     return dirs
 
 

@@ -8,8 +8,9 @@ alternating runs, and writes a JSON file. litgpt runs in its own environment
 (`benchmarks/.venv-peers/litgpt`, the one `benchmarks/finetune.py` creates) on a litgpt-format copy of the
 weights, through `benchmarks/litgpt_generate.py`; `--litgpt false` leaves it out.
 
-Example (CPU, the embedded model):
+Example (CPU, the embedded model; transformers runs in this process, so this Python needs it):
     python scripts/convert_gguf_checkpoint.py --checkpoint_dir checkpoints/SmolLM2-135M-Instruct
+    pip install transformers==5.23.0
     python benchmarks/generate.py --checkpoint_dir checkpoints/SmolLM2-135M-Instruct
 """
 
@@ -26,7 +27,8 @@ from pathlib import Path
 import torch
 
 from lit_gpt.cli import run_cli
-from lit_gpt.generation import generate, generate_batch, load_model
+from lit_gpt.generation import generate, generate_batch
+from lit_gpt.loading import load_base_model
 from lit_gpt.tokenizer import Tokenizer
 
 PROMPT = "Write a short story about a robot who learns to paint. Once upon a time,"
@@ -91,7 +93,7 @@ def _litgpt_runs(checkpoint_dir: Path, prompt_ids: torch.Tensor, max_new_tokens:
     args = argparse.Namespace(checkpoint_dir=checkpoint_dir.resolve(), litgpt_model_name=None)
     litgpt_bin = harness.ensure_venv(ROOT / "benchmarks" / ".venv-peers" / "litgpt", harness.PEER_PACKAGES["litgpt"])
     hf_dir = harness.hf_checkpoint(args, work)
-    litgpt_dir = harness.litgpt_checkpoint(args, work, hf_dir, litgpt_bin)
+    litgpt_dir = harness.litgpt_checkpoint(args, work, hf_dir, str(litgpt_bin / "python"))
     out_file = work / "litgpt_generate.json"
     subprocess.run(
         [str(litgpt_bin / "python"), "benchmarks/litgpt_generate.py", "--checkpoint_dir", str(litgpt_dir),
@@ -127,13 +129,18 @@ def main(
             with a static cache and its compiled forward. The compile time is reported apart (first call).
         out_file: where to write the JSON results.
     """
-    import transformers
+    try:
+        import transformers
+    except ModuleNotFoundError as e:
+        raise SystemExit(f"benchmarks/generate.py times transformers in this process, and this Python has none: "
+                         f"pip install transformers=={_finetune_harness().TRANSFORMERS_VERSION} (the version the "
+                         f"figures in benchmarks/README.md were measured with)") from e
 
     if threads:
         torch.set_num_threads(threads)
     tokenizer = Tokenizer(checkpoint_dir)
     prompt_ids = tokenizer.encode(PROMPT)
-    ours, config = load_model(checkpoint_dir, device="cpu", dtype=torch.float32)
+    ours, config = load_base_model(checkpoint_dir, device="cpu", dtype=torch.float32)
     hf_dir = _finetune_harness().hf_checkpoint(
         argparse.Namespace(checkpoint_dir=Path(checkpoint_dir).resolve()), ROOT / "benchmarks" / "results" / "finetune_work")
     hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()

@@ -65,7 +65,7 @@ def main(argv=None) -> dict:
 
     result = {"litgpt_config": config.name, "runs": {}}
     for batch_size in (1, args.batch_size):
-        run(batch_size, 8)  # warm-up
+        run(batch_size, min(8, args.max_new_tokens))  # warm-up (the KV cache holds max_new_tokens)
         repeats = [run(batch_size, args.max_new_tokens) for _ in range(args.repeats)]
         result["runs"][str(batch_size)] = [{"ttft_s": t, "total_s": s, "tokens": tok} for t, s, tok in repeats]
     args.out_file.write_text(json.dumps(result))

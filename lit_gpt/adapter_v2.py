@@ -67,7 +67,7 @@ class AdapterV2Linear(nn.Module):
 
     def affine_terms(self) -> Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """(weight, bias + b, s): as the LM head, this layer runs inside the model's fused loss
-        (`lit_gpt.model.fused_head_terms`). None for a quantized weight, which the fused loss cannot multiply."""
+        (`lit_gpt.kernels.fused_head_terms`). None for a quantized weight, which the fused loss cannot multiply."""
         if quantize.is_quantized(self.weight):
             return None
         shift = self.adapter_bias if self.bias is None else self.bias + self.adapter_bias

@@ -71,7 +71,7 @@ def save_safetensors(
 
     Tensors that share memory (tied embeddings) must be deduplicated by the caller; this makes each
     tensor contiguous and detached, and copies out views into a larger buffer (weights packed for inference,
-    see `lit_gpt.model.pack_linears`), which safetensors would refuse as shared memory.
+    see `lit_gpt.kernels.pack_linears`), which safetensors would refuse as shared memory.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

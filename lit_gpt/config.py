@@ -15,6 +15,8 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from lit_gpt.hf_config import config_from_hf  # the mapping is long; it lives beside this file
+
 
 @dataclass
 class Config:
@@ -135,8 +137,6 @@ class Config:
 
         Supports the architectures of the family table: GPTNeoX, Falcon, Llama, Mistral, Phi, Gemma, Qwen2.
         """
-        from lit_gpt.hf_config import config_from_hf  # the mapping is long; it lives beside this file
-
         if not isinstance(hf_config, dict):
             hf_config = json.loads(Path(hf_config).read_text())
         return config_from_hf(cls, hf_config, name=name)

@@ -4,8 +4,8 @@ The common install is a virtual environment: `pip install -e .` puts this projec
 there, not in the base interpreter. A peer environment made with `venv --system-site-packages` from such
 a Python sees the base interpreter's packages instead, and its runs fail on `import lit_gpt`. Here a
 stand-in for the user's environment (a venv without system packages, given this interpreter's packages
-and one package that only it has) runs `benchmarks/finetune.py`'s `ensure_venv`, offline: no package is
-installed, and pip is never reached.
+and one package that only it has) runs `benchmarks/finetune.py`'s `ensure_venv` offline, for a peer with no
+packages of its own (pip, were it called, would do nothing), in a few seconds.
 """
 
 from __future__ import annotations
@@ -51,6 +51,9 @@ def user_env(tmp_path_factory) -> Path:
     (site_packages / "_installed_here.pth").write_text("\n".join(lines) + "\n")
     (site_packages / ONLY_IN_USER_ENV).mkdir()
     (site_packages / ONLY_IN_USER_ENV / "__init__.py").write_text("")
+    metadata = site_packages / f"{ONLY_IN_USER_ENV}-1.0.dist-info"  # installed as pip would record it
+    metadata.mkdir()
+    (metadata / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {ONLY_IN_USER_ENV}\nVersion: 1.0\n")
     return venv
 
 

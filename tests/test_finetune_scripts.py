@@ -240,6 +240,20 @@ def test_overfits_four_answers_and_generates_one_greedily(method, trained, monke
     print(f"{method}: train loss {first:.4f} -> {last:.4f}; all {len(PAIRS)} answers reproduced greedily")
 
 
+@pytest.mark.parametrize("method", METHOD_NAMES)
+def test_generate_finetuned_reads_the_method_and_answers_like_the_method_script(method, trained, monkeypatch, capsys):
+    """generate/finetuned.py takes the output directory of any method, a full finetune included, and gives the
+    answers the method's own script gave (it reads the method from hyperparameters.yaml)."""
+    final = trained(method) / "final"
+    for instruction, answer in PAIRS:
+        code, out, err = run_script_in_process(
+            "generate/finetuned.py", "--finetuned_dir", str(final), "--prompt", instruction, "--temperature", "0",
+            "--max_new_tokens", "20", "--precision", "32-true", monkeypatch=monkeypatch, capsys=capsys,
+        )
+        assert code == 0, err
+        assert out.strip() == answer, f"{method} answered {instruction!r} with {out!r}"
+
+
 # --- exact resume after a real kill ------------------------------------------------------------------------
 @pytest.mark.slow
 def test_resume_after_sigkill_is_bit_identical_to_an_uninterrupted_run(base, data, tmp_path, monkeypatch, capsys):

@@ -7,8 +7,7 @@ import math
 import pytest
 import torch
 
-from lit_gpt.checkpoint import CheckpointError
-from lit_gpt.generation import generate, load_model, sample, top_p_filter
+from lit_gpt.generation import generate, sample, top_p_filter
 from lit_gpt.model import GPT
 from lit_gpt.utils import choose_precision, precision_to_dtype
 
@@ -174,33 +173,6 @@ def test_too_long_prompt_is_a_clear_error_at_call_time(model):
     with pytest.raises(ValueError, match="empty"):
         generate(model, torch.zeros(0, dtype=torch.long), 5)
     assert list(generate(model, torch.tensor([1]), 0)) == []
-
-
-# --- load_model ----------------------------------------------------------------------------------------------
-def test_load_model_matches_the_saved_weights(checkpoint_dir):
-    from lit_gpt.checkpoint import WEIGHTS_FILE, load_weights_file
-
-    model, config = load_model(checkpoint_dir, dtype=torch.bfloat16)
-    saved = load_weights_file(checkpoint_dir / WEIGHTS_FILE)
-    assert config.name == "tiny-llama" and not model.training
-    for name, tensor in model.state_dict().items():
-        if name in saved:
-            assert tensor.dtype == torch.bfloat16
-            assert torch.equal(tensor, saved[name].to(torch.bfloat16))
-    assert not any(t.is_meta for t in model.state_dict().values())
-    assert model.max_seq_length == config.block_size
-
-
-def test_load_model_keeps_tied_embeddings_tied(tmp_path):
-    from conftest import make_checkpoint_dir
-
-    model, _ = load_model(make_checkpoint_dir(tmp_path, tie_embeddings=True))
-    assert model.lm_head.weight is model.wte.weight and not model.lm_head.weight.is_meta
-
-
-def test_load_model_on_an_invalid_dir_says_what_to_do(tmp_path):
-    with pytest.raises(CheckpointError, match="does not exist.*download.py"):
-        load_model(tmp_path / "nope")
 
 
 # --- utils ---------------------------------------------------------------------------------------------------

@@ -167,9 +167,14 @@ def _argparse_flags(tree: ast.Module) -> set[str]:
     return flags
 
 
+def _function_named(tree: ast.Module, name: str) -> ast.FunctionDef | None:
+    return next((n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == name), None)
+
+
 def accepted_flags(script: Path) -> set[str]:
     """Every --flag the script's CLI accepts, without importing it: from the signature of the function it
-    hands to jsonargparse, or else from its argparse `add_argument` calls."""
+    hands to jsonargparse (defined in the script, or imported from lit_gpt), or else from its argparse
+    `add_argument` calls."""
     import lit_gpt.args as args_module
 
     tree = ast.parse(script.read_text())
@@ -178,7 +183,10 @@ def accepted_flags(script: Path) -> set[str]:
         flags = _argparse_flags(tree)
         assert flags, f"{script}: no run_cli(function) / CLI(function) call and no add_argument('--flag') found"
         return flags | {"--help", "-h"}
-    function = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == name)
+    function = _function_named(tree, name)
+    if function is None:  # a thin entry point: the function is imported from lit_gpt (generate/lora.py)
+        module = next(n.module for n in tree.body if isinstance(n, ast.ImportFrom) and any(a.name == name for a in n.names))
+        function = _function_named(ast.parse((REPO / (module.replace(".", "/") + ".py")).read_text()), name)
     flags = {"--help", "-h", "--config", "--print_config"}
     params = function.args.args + function.args.kwonlyargs
     for param in params:
