@@ -103,10 +103,25 @@ def load_base_model(
             is for inference: eval mode, and each block's q/k/v and fc_1/fc_2 weights packed into one buffer
             per group for faster decoding (`lit_gpt.kernels.pack_weights`: same parameters, state dict, outputs).
     """
-    checkpoint_dir = check_valid_checkpoint_dir(checkpoint_dir, need_tokenizer=False)
     if fabric is not None:
         sharded = isinstance(fabric.strategy, FSDPStrategy) and quantize is None
         device, dtype = ("cpu", None) if sharded else (fabric.device, dtype)
+        model, config = _read_base_model(checkpoint_dir, device, dtype, quantize)
+        return model.train(), config
+    model, config = _read_base_model(checkpoint_dir, device, dtype, quantize)
+    pack_weights(model)  # q/k/v and fc_1/fc_2 in one product each: faster decoding, same outputs
+    return model.eval(), config
+
+
+def _read_base_model(
+    checkpoint_dir: PathLike,
+    device: Union[str, torch.device],
+    dtype: Optional[torch.dtype],
+    quantize: Optional[str],
+) -> tuple[GPT, Config]:
+    """What `load_base_model` does before it picks train or inference mode: build on the meta device, then read
+    the weights tensor by tensor onto `device` (in `dtype`, quantized when asked), checked against the model."""
+    checkpoint_dir = check_valid_checkpoint_dir(checkpoint_dir, need_tokenizer=False)
     config = Config.from_checkpoint(checkpoint_dir)
     path = checkpoint_dir / WEIGHTS_FILE
     with torch.device("meta"):
@@ -140,10 +155,7 @@ def load_base_model(
     if config.tie_embeddings:
         model.lm_head.weight = model.wte.weight
     model.max_seq_length = config.block_size  # build the RoPE tables on `device`
-    if fabric is not None:
-        return model.train(), config
-    pack_weights(model)  # layers a PEFT method wraps later are skipped by the packed product (kernels.linears)
-    return model.eval(), config
+    return model, config
 
 
 # --- a finetune output directory ----------------------------------------------------------------------------
@@ -209,7 +221,7 @@ def load_finetuned(
         )
     settings = settings_from_dict(saved, hparams.get("settings") or {})
 
-    model, _ = load_base_model(checkpoint_dir, device, dtype, quantize)
+    model, _ = _read_base_model(checkpoint_dir, device, dtype, quantize)
     # The method's new parameters are overwritten below: their random initialisation must not move the global
     # RNG, or a seeded generation would sample differently than with the weights built in place.
     with torch.random.fork_rng(devices=[torch.device(device)] if torch.device(device).type == "cuda" else []):
@@ -223,4 +235,5 @@ def load_finetuned(
     missing = peft_names - set(peft_state)
     if missing:
         raise CheckpointError(f"{weights_path} lacks {len(missing)} {saved} tensors (e.g. {sorted(missing)[:3]}).")
+    pack_weights(model)  # the groups of layers the method left plain (see lit_gpt.kernels.pack_weights)
     return model.eval(), hparams

@@ -27,19 +27,20 @@ SETTINGS = {
 }
 
 
-def write_finetuned_dir(method: str, checkpoint_dir, out, seed: int = 3):
+def write_finetuned_dir(method: str, checkpoint_dir, out, seed: int = 3, settings=None):
     """An output directory as finetune/<method>.py writes it, with the method's weights moved off their init;
     returns (directory, the model those weights came from)."""
     module = METHODS[method]
+    settings = settings or SETTINGS[method]
     torch.manual_seed(seed)
-    model = module.apply(GPT(Config.from_checkpoint(checkpoint_dir)), SETTINGS[method])
+    model = module.apply(GPT(Config.from_checkpoint(checkpoint_dir)), settings)
     with torch.no_grad():
         for name in sorted(module.peft_parameter_names(model)):
             model.get_parameter(name).add_(0.3 * torch.randn_like(model.get_parameter(name)))
     base = load_weights_file(checkpoint_dir / WEIGHTS_FILE)
     own = module.peft_parameter_names(model)
     model.load_state_dict({k: v for k, v in base.items() if k not in own}, strict=False)
-    hparams = outputs.run_hyperparameters(method, SETTINGS[method], checkpoint_dir=checkpoint_dir)
+    hparams = outputs.run_hyperparameters(method, settings, checkpoint_dir=checkpoint_dir)
     hparams["base_fingerprint"] = base_fingerprint(checkpoint_dir)
     outputs.save_output_dir(Fabric(accelerator="cpu", devices=1), out, module.state_dict_to_save(model),
                             module.WEIGHTS_FILE, hparams, checkpoint_dir)
@@ -122,6 +123,22 @@ def test_a_finetuned_dir_loads_as_the_model_that_wrote_it(method, checkpoint_dir
     idx = torch.randint(0, 300, (2, 11))
     with torch.no_grad():
         torch.testing.assert_close(model(idx), reference(idx))
+
+
+def test_the_layers_a_method_left_plain_are_packed_for_decoding_and_its_own_are_not(checkpoint_dir, tmp_path):
+    """LLaMA-Adapter changes attention, not the projections: they run as one packed product. LoRA on query and
+    value leaves no q/k/v group plain, so that group is left unpacked (the MLP's fc_1/fc_2 still pack)."""
+    def shares_storage(a, b):
+        return a.weight.untyped_storage().data_ptr() == b.weight.untyped_storage().data_ptr()
+
+    adapter_dir, _ = write_finetuned_dir("adapter", checkpoint_dir, tmp_path / "adapter")
+    model, _ = load_finetuned(adapter_dir)
+    attn, mlp = model.blocks[1].attn, model.blocks[1].mlp
+    assert shares_storage(attn.query, attn.key) and shares_storage(mlp.fc_1, mlp.fc_2)
+    lora_dir, _ = write_finetuned_dir("lora", checkpoint_dir, tmp_path / "lora", settings=lora.LoRASettings())
+    model, _ = load_finetuned(lora_dir, method="lora")  # the default LoRA: query and value
+    attn, mlp = model.blocks[0].attn, model.blocks[0].mlp
+    assert not shares_storage(attn.query, attn.key) and shares_storage(mlp.fc_1, mlp.fc_2)
 
 
 def test_loading_a_finetuned_dir_does_not_move_the_global_rng(checkpoint_dir, tmp_path):
