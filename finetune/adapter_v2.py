@@ -19,7 +19,6 @@ from typing import Optional
 from lit_gpt import adapter_v2 as method
 from lit_gpt import training
 from lit_gpt.args import EvalArgs, TrainArgs
-from lit_gpt.checkpoint import base_fingerprint
 from lit_gpt.cli import run_cli
 from lit_gpt.config import Config
 from lit_gpt.data import load_prepared_dir
@@ -52,7 +51,8 @@ def setup(
         precision: "32-true", "bf16-true", "bf16-mixed", "16-mixed", ...; default: the best the device runs.
         devices: number of devices (GPUs, or CPU processes) to train on.
         strategy: "auto" (DDP for several devices), "ddp" or "fsdp".
-        resume: continue the run in out_dir from its last saved state (same flags as the original run).
+        resume: continue the run in out_dir from its last saved state, with the same flags; more steps or other
+            eval/log/save intervals are allowed and recorded, a change to what the run trains is refused.
         quantize: hold the frozen base weights in 4 or 8 bits with bitsandbytes (QLoRA): bnb.nf4, bnb.nf4-dq,
             bnb.fp4, bnb.fp4-dq or bnb.int8; works on CUDA and CPU (not MPS), with a '-true' precision.
         adapter_prompt_length: length of the learned adaption prompt in each adapted layer.
@@ -75,7 +75,7 @@ def main(fabric, checkpoint_dir, data_dir, out_dir, resume, settings, train, eva
     method.apply(model, settings)
     method.mark_trainable(model)
 
-    training.fit(fabric, model, tokenizer, train_data, val_data, out_dir, train, eval, resume,
+    training.fit(fabric, model, tokenizer, train_data, val_data, out_dir, train, eval, resume, hparams,
                  save=lambda directory: save(fabric, model, directory, hparams, checkpoint_dir))
     save(fabric, model, out_dir / "final", hparams, checkpoint_dir)
     training.finish(fabric, out_dir)
@@ -83,8 +83,7 @@ def main(fabric, checkpoint_dir, data_dir, out_dir, resume, settings, train, eva
 
 def save(fabric, model, directory: Path, hparams: dict, checkpoint_dir: Path) -> None:
     """Save only the Adapter-v2 weights, with what describes them."""
-    save_output_dir(fabric, directory, method.state_dict_to_save(model), method.WEIGHTS_FILE,
-                    {**hparams, "base_fingerprint": base_fingerprint(checkpoint_dir)}, checkpoint_dir)
+    save_output_dir(fabric, directory, method.state_dict_to_save(model), method.WEIGHTS_FILE, hparams, checkpoint_dir)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from typing import Optional
 
 from lit_gpt import training
 from lit_gpt.args import EvalArgs, TrainArgs
-from lit_gpt.checkpoint import WEIGHTS_FILE, base_fingerprint, model_state_dict
+from lit_gpt.checkpoint import WEIGHTS_FILE, model_state_dict
 from lit_gpt.cli import run_cli
 from lit_gpt.config import Config
 from lit_gpt.data import load_prepared_dir
@@ -53,7 +53,8 @@ def setup(
         precision: "32-true", "bf16-true", "bf16-mixed", "16-mixed", ...; default: the best the device runs.
         devices: number of devices (GPUs, or CPU processes) to train on.
         strategy: "auto" (DDP for several devices), "ddp" or "fsdp".
-        resume: continue the run in out_dir from its last saved state (same flags as the original run).
+        resume: continue the run in out_dir from its last saved state, with the same flags; more steps or other
+            eval/log/save intervals are allowed and recorded, a change to what the run trains is refused.
     """
     settings = None  # every weight trains: nothing to configure
     fabric, hparams = training.start_run(FULL, settings, checkpoint_dir, data_dir, out_dir, precision,
@@ -70,7 +71,7 @@ def main(fabric, checkpoint_dir, data_dir, out_dir, resume, settings, train, eva
     model, _ = load_base_model(checkpoint_dir, dtype=precision_to_dtype(hparams["precision"]),
                                quantize=hparams["quantize"], fabric=fabric)
 
-    training.fit(fabric, model, tokenizer, train_data, val_data, out_dir, train, eval, resume,
+    training.fit(fabric, model, tokenizer, train_data, val_data, out_dir, train, eval, resume, hparams,
                  save=lambda directory: save(fabric, model, directory, hparams, checkpoint_dir))
     save(fabric, model, out_dir / "final", hparams, checkpoint_dir)
     training.finish(fabric, out_dir)
@@ -78,8 +79,7 @@ def main(fabric, checkpoint_dir, data_dir, out_dir, resume, settings, train, eva
 
 def save(fabric, model, directory: Path, hparams: dict, checkpoint_dir: Path) -> None:
     """Save all weights as a normal checkpoint directory, with what describes them."""
-    save_output_dir(fabric, directory, model_state_dict(model), WEIGHTS_FILE,
-                    {**hparams, "base_fingerprint": base_fingerprint(checkpoint_dir)}, checkpoint_dir)
+    save_output_dir(fabric, directory, model_state_dict(model), WEIGHTS_FILE, hparams, checkpoint_dir)
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ from safetensors import SafetensorError, safe_open
 import torch
 
 from lit_gpt.args import TrainArgs
-from lit_gpt.checkpoint import TOKENIZER_FILES, save_safetensors
+from lit_gpt.checkpoint import TOKENIZER_FILES, file_fingerprint, save_safetensors
 from lit_gpt.model import IGNORE_INDEX
 
 PathLike = Union[str, Path]
@@ -65,6 +65,15 @@ class DataError(ValueError):
 # --------------------------------------------------------------------------------------------------
 # The prepared dataset
 # --------------------------------------------------------------------------------------------------
+def prepared_data_fingerprint(data_dir: PathLike) -> Optional[str]:
+    """Identifies a prepared directory's train and val files (`file_fingerprint` of each), so that a resumed run
+    can tell that it still trains on the same data; None when they are not there (loading them says so)."""
+    paths = [Path(data_dir) / name for name in (TRAIN_FILE, VAL_FILE)]
+    if not all(path.is_file() for path in paths):
+        return None
+    return hashlib.sha256(" ".join(file_fingerprint(path) for path in paths).encode()).hexdigest()[:16]
+
+
 def tokenizer_fingerprint(checkpoint_dir: PathLike) -> str:
     """sha256 over the tokenizer files of a checkpoint dir: data prepared with one tokenizer fits only it."""
     h = hashlib.sha256()

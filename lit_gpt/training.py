@@ -24,11 +24,19 @@ from lightning_fabric.strategies import FSDPStrategy
 from tqdm import tqdm
 
 from lit_gpt.args import EvalArgs, TrainArgs
-from lit_gpt.checkpoint import check_valid_checkpoint_dir
-from lit_gpt.data import BatchStream, DataPosition, collate, shared_prefix_length
+from lit_gpt.checkpoint import base_fingerprint, check_valid_checkpoint_dir
+from lit_gpt.data import BatchStream, DataPosition, collate, prepared_data_fingerprint, shared_prefix_length
 from lit_gpt.generation import generate
 from lit_gpt.model import IGNORE_INDEX
-from lit_gpt.outputs import LOG_FILE, RESUME_FILE, load_resume_state, run_hyperparameters, save_resume_state
+from lit_gpt.outputs import (
+    HISTORY_KEY,
+    HPARAMS_FILE,
+    LOG_FILE,
+    RESUME_FILE,
+    load_resume_state,
+    run_hyperparameters,
+    save_resume_state,
+)
 from lit_gpt.quantize import check_quantize, logical_numel
 from lit_gpt.utils import choose_precision, reuse_freed_host_memory
 
@@ -44,14 +52,18 @@ def fit(
     train: TrainArgs,
     eval: EvalArgs,
     resume: bool,
+    hparams: dict[str, Any],
     save: Callable[[Path], None],
 ) -> None:
     """The training loop of every finetune script: train `model`'s trainable parameters on `train_data`.
 
     Validates before the first step, every `eval.interval` steps and at the end (printing a sample response);
     every `train.save_interval` steps calls `save(out_dir / "step-NNNNNN")` and writes the resume state, from
-    which `resume=True` continues exactly (same weights, optimizer, data position and RNG). The final save is
-    the caller's. `model` is the bare model as the PEFT method left it; Fabric wraps it here.
+    which `resume=True` continues exactly (same weights, optimizer, data position and RNG). A resume that would
+    change what the run trains, on what or how (`hparams` against the saved run) is refused; the changes it may
+    make (more steps, another eval interval, ...) are printed and recorded in `hparams` (see
+    `lit_gpt.outputs.load_resume_state`). The final save is the caller's. `model` is the bare model as the PEFT
+    method left it; Fabric wraps it here.
     """
     report_parameters(fabric, model)
     optimizer = adamw(model, train, fabric)
@@ -59,8 +71,11 @@ def fit(
     model, optimizer = fabric.setup(prepare_model_for_training(model, train), optimizer)
     step, position = 0, DataPosition()
     if resume:
-        step, position = load_resume_state(fabric, out_dir, raw_model, optimizer)
+        step, position, changes = load_resume_state(fabric, out_dir, raw_model, optimizer, hparams)
         fabric.print(f"Resuming from step {step} (epoch {position.epoch}, sample {position.index}).")
+        if changes:
+            listed = "; ".join(f"{key} {before!r} -> {after!r}" for key, (before, after) in changes.items())
+            fabric.print(f"Changed on resume: {listed} (recorded in {HPARAMS_FILE} under '{HISTORY_KEY}').")
 
     total_steps = train.total_steps(len(train_data))
     stream = BatchStream(train_data, train, fabric.global_rank, fabric.world_size, fabric.device.type)
@@ -105,7 +120,7 @@ def fit(
         if step % train.save_interval == 0 and step < total_steps:
             with progress.paused():
                 save(out_dir / f"step-{step:06d}")
-                save_resume_state(fabric, out_dir, raw_model, optimizer, step, stream.position)
+                save_resume_state(fabric, out_dir, raw_model, optimizer, step, stream.position, hparams)
     progress.close()
 
 
@@ -177,8 +192,9 @@ def start_run(
     """Check a finetune run's flags and paths before any process starts, pick its precision, and make its Fabric.
 
     Returns (fabric, the run's hyperparameters as `hyperparameters.yaml` records them: method, settings, every
-    flag, the precision chosen and the quantization). `settings` is the method's settings dataclass (None for a
-    full finetune); `quantize` must be None for a method that cannot quantize its base.
+    flag, the precision chosen, the quantization, and fingerprints of the base weights and of the prepared data).
+    `settings` is the method's settings dataclass (None for a full finetune); `quantize` must be None for a
+    method that cannot quantize its base.
     """
     hparams = run_hyperparameters(
         method, settings, checkpoint_dir=checkpoint_dir, data_dir=data_dir, devices=devices, train=train, eval=eval
@@ -186,6 +202,8 @@ def start_run(
     check_run_args(checkpoint_dir, data_dir, out_dir, devices, train, eval, resume)
     hparams["precision"] = precision = choose_precision(precision, accelerator())
     hparams["quantize"] = check_quantize(quantize, accelerator(), precision, strategy)
+    hparams["base_fingerprint"] = base_fingerprint(checkpoint_dir)
+    hparams["data_fingerprint"] = prepared_data_fingerprint(data_dir)
     return setup_fabric(devices, precision, strategy), hparams
 
 

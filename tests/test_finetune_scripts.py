@@ -396,6 +396,68 @@ def test_resume_without_a_saved_state(base, data, tmp_path, monkeypatch, capsys)
     assert not (out_dir / "final").exists()
 
 
+def _lora_run_flags(base, data, out_dir, **changes) -> list[str]:
+    """The command line of the `trained("lora")` run (see RUNS and train_args), with some values changed."""
+    values = {"--checkpoint_dir": base, "--data_dir": data, "--out_dir": out_dir, "--precision": "32-true",
+              "--train.micro_batch_size": 2, "--train.global_batch_size": 4, "--train.learning_rate": RUNS["lora"]["lr"],
+              "--train.warmup_steps": 0, "--train.weight_decay": 0.01, "--train.max_steps": STEPS,
+              "--train.save_interval": SAVE_INTERVAL, "--train.log_interval": 1, "--eval.interval": SAVE_INTERVAL,
+              "--eval.max_new_tokens": 8, **{f"--{k}": v for k, v in RUNS["lora"]["settings"].items()}}
+    values.update({f"--{k}": v for k, v in changes.items()})
+    return [str(item) for pair in values.items() for item in pair]
+
+
+@pytest.fixture
+def saved_lora_run(trained, tmp_path) -> Path:
+    """A copy of the LoRA run's output dir: its resume state is at step 100 of 150."""
+    out_dir = tmp_path / "run"
+    shutil.copytree(trained("lora"), out_dir)
+    return out_dir
+
+
+@pytest.mark.parametrize("changes, listed", [
+    ({"train.learning_rate": 1e-3}, ["train.learning_rate: 0.02 in the saved run, 0.001 now"]),
+    ({"lora_r": 16}, ["settings.r: 8 in the saved run, 16 now", "trainable parameters: 20 differ"]),
+    ({"train.global_batch_size": 2, "train.seed": 7}, ["train.global_batch_size: 4", "train.seed: 1337"]),
+    ({"data_dir": "{other_data}"}, ["data_fingerprint"]),
+])
+def test_resume_refuses_a_run_that_would_not_be_the_run_it_claims_to_be(
+    changes, listed, saved_lora_run, base, data, tmp_path, monkeypatch, capsys
+):
+    """Another learning rate, LoRA rank, batch geometry, seed or dataset would silently make another run (a
+    different rank used to end in a raw tensor-size error): each difference is listed, and nothing is restored
+    or written."""
+    other_data = tmp_path / "other_data"
+    shutil.copytree(data, other_data)
+    shutil.copy(other_data / "train.safetensors", other_data / "val.safetensors")
+    examples = [Example(instruction="Say yes.", input="", output="yes")] * 4
+    prepare_instruction_data(examples, base, other_data, val_split_fraction=0.0, progress=False)
+    shutil.copy(other_data / "train.safetensors", other_data / "val.safetensors")
+    changes = {k: str(v).format(other_data=other_data) for k, v in changes.items()}
+    before = sha256(saved_lora_run / "resume_state.pt")
+    code, _, err = run_script_in_process("finetune/lora.py", *_lora_run_flags(base, data, saved_lora_run, **changes),
+                                         "--resume", "true", monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 2 and "Traceback" not in err, err
+    assert "error: --resume:" in err and "start a new run" in err, err
+    for text in listed:
+        assert text in err, f"{text!r} not in {err!r}"
+    assert sha256(saved_lora_run / "resume_state.pt") == before
+
+
+def test_resume_may_run_longer_and_validate_less_often_and_says_so(saved_lora_run, base, data, monkeypatch, capsys):
+    """More steps and another eval interval are legitimate mid-run: printed, and recorded in hyperparameters.yaml
+    so that it never claims the run used the new values all along."""
+    flags = _lora_run_flags(base, data, saved_lora_run, **{"train.max_steps": STEPS + 10, "eval.interval": 60})
+    code, out, err = run_script_in_process("finetune/lora.py", *flags, "--resume", "true",
+                                           monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 0, err
+    assert "Changed on resume: eval.interval 50 -> 60; train.max_steps 150 -> 160" in out + err
+    hparams = yaml.safe_load((saved_lora_run / "final" / "hyperparameters.yaml").read_text())
+    assert hparams["train"]["max_steps"] == STEPS + 10
+    assert hparams["resumed"] == [{"step": 100, "changes": {"eval.interval": [50, 60], "train.max_steps": [150, 160]}}]
+    assert sorted(losses(saved_lora_run, "train_loss")) == list(range(1, STEPS + 11))
+
+
 def test_adapter_weights_on_another_base_fail_the_fingerprint_check(trained, tmp_path, monkeypatch, capsys):
     other = make_checkpoint_dir(tmp_path / "other_base", seed=1, n_embd=64, intermediate_size=128)  # same shapes
     final = trained("adapter") / "final"
