@@ -115,11 +115,18 @@ def run_description(hparams: dict[str, Any], model: nn.Module, world_size: int) 
     resume state stays loadable with `torch.load(weights_only=True)`."""
     description = _flatten({k: v for k, v in hparams.items() if k != HISTORY_KEY})
     description["world_size"] = world_size
-    description["version"] = importlib.metadata.version("lit-gpt-peft")
+    description["version"] = _project_version()
     for name, p in model.named_parameters():
         if p.requires_grad:
             description[f"trainable.{name}"] = f"{tuple(p.shape)} {str(p.dtype).removeprefix('torch.')}"
     return description
+
+
+def _project_version() -> str:
+    try:
+        return importlib.metadata.version("lit-gpt-peft")
+    except importlib.metadata.PackageNotFoundError:  # run from a checkout that was never pip-installed
+        return "unknown"
 
 
 def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
