@@ -19,7 +19,7 @@ from lit_gpt.checkpoint import check_valid_checkpoint_dir
 from lit_gpt.cli import run_cli
 from lit_gpt.generation import check_sampling_args, generate, stream_text
 from lit_gpt.loading import load_base_model, start_inference
-from lit_gpt.tokenizer import Tokenizer
+from lit_gpt.tokenizer import Tokenizer, check_text
 from lit_gpt.utils import peak_memory
 
 
@@ -57,7 +57,8 @@ def main(
     checkpoint_dir = check_valid_checkpoint_dir(checkpoint_dir)
     if num_samples < 1:
         raise ValueError(f"--num_samples must be at least 1, got {num_samples}.")
-    check_sampling_args(temperature, top_k, top_p)
+    check_sampling_args(temperature, top_k, top_p, max_new_tokens)
+    check_text(prompt, "--prompt")
     runtime = start_inference(precision, quantize, seed)
 
     tokenizer = Tokenizer(checkpoint_dir)

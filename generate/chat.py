@@ -20,7 +20,7 @@ from lit_gpt.checkpoint import check_valid_checkpoint_dir
 from lit_gpt.cli import run_cli
 from lit_gpt.generation import check_sampling_args, generate, stream_text
 from lit_gpt.loading import load_base_model, start_inference
-from lit_gpt.tokenizer import Tokenizer
+from lit_gpt.tokenizer import Tokenizer, check_text
 from lit_gpt.utils import peak_memory
 
 
@@ -56,7 +56,10 @@ def main(
         seed: random seed, so that sampling is reproducible.
     """
     checkpoint_dir = check_valid_checkpoint_dir(checkpoint_dir)
-    check_sampling_args(temperature, top_k, top_p)
+    check_sampling_args(temperature, top_k, top_p, max_new_tokens)
+    for flag, text in (("--prompt", prompt), ("--system", system)):
+        if text is not None:
+            check_text(text, flag)
     tokenizer = Tokenizer(checkpoint_dir)
     if tokenizer.chat_template is None:
         raise ValueError(
@@ -87,6 +90,11 @@ def main(
                 del history[int(system is not None):]
                 continue
             if not message.strip():
+                continue
+            try:
+                check_text(message, "Your message")
+            except ValueError as error:  # e.g. a terminal that is not set to UTF-8: say so and keep the conversation
+                print(error, file=sys.stderr)
                 continue
         else:
             message = prompt

@@ -259,3 +259,13 @@ def read_tensor(f, info: dict) -> torch.Tensor:
     buffer = bytearray(end - start)
     f.readinto(buffer)
     return torch.frombuffer(buffer, dtype=dtype).reshape(info["shape"])
+
+
+def check_finite(path: str | Path, name: str, tensor: torch.Tensor) -> None:
+    """Raise a CheckpointError that calls `path` broken when its tensor `name` holds NaN or infinite values."""
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        raise CheckpointError(
+            f"{str(path)!r} is broken: its tensor {name!r} holds NaN or infinite values, so the model would produce "
+            "nothing but NaN. Convert or download the checkpoint again; if it is the output of a finetune run, that "
+            "run diverged: use an earlier step-* directory, or train again with a lower learning rate."
+        )

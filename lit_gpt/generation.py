@@ -27,7 +27,7 @@ import torch.nn as nn
 
 from lit_gpt.loading import load_finetuned, start_inference
 from lit_gpt.prompts import alpaca_prompt
-from lit_gpt.tokenizer import Tokenizer
+from lit_gpt.tokenizer import Tokenizer, check_text
 from lit_gpt.utils import peak_memory
 
 
@@ -61,8 +61,13 @@ def sample(
     return torch.multinomial(probs, num_samples=1, generator=generator).reshape(logits.shape[:-1])
 
 
-def check_sampling_args(temperature: float, top_k: Optional[int], top_p: float) -> None:
-    """Raise a ValueError naming the bad value when the sampling settings are out of range."""
+def check_sampling_args(
+    temperature: float, top_k: Optional[int], top_p: float, max_new_tokens: Optional[int] = None
+) -> None:
+    """Raise a ValueError naming the bad value when the sampling settings (and, when given, the number of tokens
+    to generate) are out of range."""
+    if max_new_tokens is not None and max_new_tokens < 1:
+        raise ValueError(f"--max_new_tokens must be at least 1, got {max_new_tokens}.")
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0 (0 means greedy), got {temperature}.")
     if top_k is not None and top_k < 1:
@@ -315,7 +320,9 @@ def answer_instruction(
             for long answers and chats, not for one short answer.
         seed: random seed, so that sampling is reproducible.
     """
-    check_sampling_args(temperature, top_k, top_p)
+    check_sampling_args(temperature, top_k, top_p, max_new_tokens)
+    check_text(prompt, "--prompt")
+    check_text(input, "--input")
     runtime = start_inference(precision, quantize, seed)
     model, hparams = load_finetuned(finetuned_dir, checkpoint_dir, runtime.device, runtime.dtype, runtime.quantize,
                                     method=method)

@@ -26,6 +26,7 @@ from lit_gpt.checkpoint import (
     WEIGHTS_FILE,
     CheckpointError,
     base_fingerprint,
+    check_finite,
     check_state_dict_keys,
     check_valid_checkpoint_dir,
     load_into_model,
@@ -138,6 +139,7 @@ def _read_base_model(
             owner_name, _, attr = key.rpartition(".")
             owner = model.get_submodule(owner_name)
             tensor = read_tensor(f, info)
+            check_finite(path, key, tensor)
             if tensor.is_floating_point() and dtype is not None:
                 tensor = tensor.to(dtype)
             if key in to_quantize:
@@ -228,6 +230,8 @@ def load_finetuned(
         module.apply(model, settings)
     peft_names = module.peft_parameter_names(model)
     peft_state = load_weights_file(weights_path, device=device)
+    for name, tensor in peft_state.items():
+        check_finite(weights_path, name, tensor)
     if dtype is not None:
         peft_state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in peft_state.items()}
     # Adapter-v2 also trains the norms, which the base checkpoint holds too: the finetuned values win.

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import random
 import tempfile
@@ -58,7 +59,7 @@ from lit_gpt.data import (
     tokenizer_fingerprint,
 )
 from lit_gpt.prompts import alpaca_prompt
-from lit_gpt.tokenizer import Tokenizer
+from lit_gpt.tokenizer import Tokenizer, check_text
 
 ALPACA_FIELDS = {"instruction": "instruction", "input": "input", "output": "output"}
 DEFAULT_VAL_SPLIT_FRACTION = 0.05
@@ -156,9 +157,10 @@ def flatten_instances(
 
 
 def _text(value: Any) -> Optional[str]:
+    """A field's text: a string as it is, a finite number written out; None for anything else (NaN included)."""
     if isinstance(value, str):
         return value
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
         return str(value)
     return None
 
@@ -181,7 +183,9 @@ def to_examples(
         where: a location per record for error messages ("line 7"); default "record <index>".
     Raises:
         DataError naming the source, the record and the field, when a record is not an object, lacks a
-        required field or holds a non-text value, and when there are no records at all.
+        required field, holds a value that is not text or a finite number, holds text that is not valid
+        Unicode, or has every field empty; and when there are no records at all. Records with an empty output
+        are kept, with a warning that counts them.
     """
     fields = {**ALPACA_FIELDS, **(fields or {})}
     unknown = set(fields) - set(ALPACA_FIELDS)
@@ -190,7 +194,7 @@ def to_examples(
     if len(records) == 0:
         raise DataError(f"{source}: the dataset is empty (no records). Check that you passed the right file.")
     where = list(where) if where is not None else [f"record {i}" for i in range(len(records))]
-    examples = []
+    examples, empty = [], []
     for record, loc in zip(records, where):
         if not isinstance(record, dict):
             raise DataError(
@@ -217,10 +221,29 @@ def to_examples(
             if text is None:
                 raise DataError(
                     f"{source}, {loc}: the {role} field {key!r} must be text, got {type(value).__name__}: "
-                    f"{json.dumps(value)[:80]}"
+                    f"{json.dumps(value)[:80]} (a number is written out as text, but only a finite one)"
                 )
+            try:
+                check_text(text, f"The {role} field {key!r}")
+            except ValueError as e:
+                raise DataError(f"{source}, {loc}: {e}") from None
             values[role] = text
+        if not any(text.strip() for text in values.values()):
+            raise DataError(
+                f"{source}, {loc}: every field is empty ({', '.join(repr(k) for k in fields.values())}): the record "
+                "has nothing to learn from. Remove it, or name the keys that hold the text (--instruction_field, "
+                "--input_field, --output_field)."
+            )
+        if not values["output"].strip():
+            empty.append(loc)
         examples.append(Example(where=loc, **values))
+    if empty:
+        warnings.warn(
+            f"{source}: {len(empty)} of {len(records)} records have an empty output field {fields['output']!r} "
+            f"({', '.join(empty[:3])}{', ...' if len(empty) > 3 else ''}). They are kept: they teach the model to "
+            "end its answer at once. Fill them in or remove them if that is not what you want.",
+            stacklevel=2,
+        )
     return examples
 
 

@@ -134,7 +134,9 @@ class Tokenizer:
         Special-token strings in `text` (e.g. "<|im_start|>") become their ids, as in HF tokenizers.
         The one deliberate difference from HF: BOS (EOS) is not added a second time when `text` already starts
         (ends) with it, so `encode(tokenizer.apply_chat_template(...))` is right for templates that write BOS.
+        Text that is not valid Unicode (see `check_text`) raises a ValueError that says where.
         """
+        check_text(text)
         if self.backend == "huggingface":
             ids = self.processor.encode(text, add_special_tokens=False).ids
         else:
@@ -290,3 +292,21 @@ def _compile_chat_template(source: str):
     template = env.from_string(source)
     _TEMPLATE_CACHE[source] = template
     return template
+
+
+def check_text(text: str, what: str = "The text") -> None:
+    """Raise a ValueError unless `text` is a str of valid Unicode, which every tokenizer can encode.
+
+    Lone surrogates are not: they come from JSON escapes such as "\\ud800" and from bytes that were not UTF-8
+    (Python keeps those of a command-line argument as surrogates). The message gives the character's position
+    and the text around it, so the input can be fixed (saved as UTF-8)."""
+    if not isinstance(text, str):
+        raise ValueError(f"{what} must be a string, got {type(text).__name__}.")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(
+            f"{what} is not valid Unicode at character {e.start} (after {text[max(0, e.start - 30):e.start]!r}): "
+            f"{text[e.start]!r} is a lone surrogate, left by bytes that were not UTF-8 or by a JSON escape such as "
+            "\\ud800. Save the input as UTF-8 (or remove that character) and try again."
+        ) from None
