@@ -38,6 +38,14 @@ def assert_one_clear_error(code: int, err: str, *names: str) -> None:
         assert name in err, f"{name!r} not in {err!r}"
 
 
+def give_a_chat_template(checkpoint_dir) -> None:
+    """Make the tiny checkpoint an 'instruct' one, which generate/chat.py requires."""
+    tokenizer_config = checkpoint_dir / "tokenizer_config.json"
+    config = json.loads(tokenizer_config.read_text()) if tokenizer_config.is_file() else {}
+    config["chat_template"] = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    tokenizer_config.write_text(json.dumps(config))
+
+
 # --- text that is not valid Unicode -------------------------------------------------------------------------
 @pytest.mark.parametrize("text, position", [(f"ok {LONE_SURROGATE} then", 3), (UNDECODABLE_BYTE, 3)])
 def test_the_tokenizer_names_where_text_is_not_unicode(text, position, checkpoint_dir):
@@ -50,10 +58,7 @@ def test_the_tokenizer_names_where_text_is_not_unicode(text, position, checkpoin
 @pytest.mark.parametrize("text", [f"What is {LONE_SURROGATE}?", f"Say {UNDECODABLE_BYTE}"])
 def test_a_prompt_that_is_not_unicode_is_one_clear_error(script, flag, text, fresh_checkpoint_dir, monkeypatch,
                                                           capsys):
-    tokenizer_config = fresh_checkpoint_dir / "tokenizer_config.json"
-    config = json.loads(tokenizer_config.read_text()) if tokenizer_config.is_file() else {}
-    config["chat_template"] = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
-    tokenizer_config.write_text(json.dumps(config))
+    give_a_chat_template(fresh_checkpoint_dir)
     args = ["--checkpoint_dir", str(fresh_checkpoint_dir), flag, text, "--max_new_tokens", "2"]
     if flag == "--system":
         args += ["--prompt", "hi"]
@@ -63,10 +68,7 @@ def test_a_prompt_that_is_not_unicode_is_one_clear_error(script, flag, text, fre
 
 def test_a_chat_message_that_is_not_unicode_is_refused_and_the_chat_goes_on(fresh_checkpoint_dir, monkeypatch,
                                                                              capsys):
-    tokenizer_config = fresh_checkpoint_dir / "tokenizer_config.json"
-    config = json.loads(tokenizer_config.read_text()) if tokenizer_config.is_file() else {}
-    config["chat_template"] = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
-    tokenizer_config.write_text(json.dumps(config))
+    give_a_chat_template(fresh_checkpoint_dir)
     typed = iter([f"bad {UNDECODABLE_BYTE}", "/exit"])
     monkeypatch.setattr("builtins.input", lambda prompt="": next(typed))
     code, _, err = run_script_in_process("generate/chat.py", "--checkpoint_dir", str(fresh_checkpoint_dir),
