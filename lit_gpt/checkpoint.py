@@ -23,6 +23,8 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from lit_gpt.files import FileError
+
 WEIGHTS_FILE = "lit_model.safetensors"
 CONFIG_FILE = "model_config.yaml"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
@@ -36,7 +38,7 @@ QUICKSTART_HINT = (
 )
 
 
-class CheckpointError(ValueError):
+class CheckpointError(FileError):
     """A checkpoint directory or weights file is missing, incomplete, corrupt or does not fit the model."""
 
 

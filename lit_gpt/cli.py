@@ -8,11 +8,13 @@ from typing import Any, Callable, Optional
 
 from jsonargparse import CLI
 
+from lit_gpt.files import SaveError
+
 # Errors that mean "the input (or the environment) is wrong" rather than "the code is wrong": shown as one clear
 # message. An ImportError here comes from a package imported only on the path that needs it (gguf for a GGUF
 # checkpoint, say); a broken import of the script itself fails before this point, with its traceback.
 USER_ERRORS: tuple[type[BaseException], ...] = (
-    ValueError, FileNotFoundError, NotADirectoryError, PermissionError, ImportError,
+    ValueError, FileNotFoundError, NotADirectoryError, PermissionError, ImportError, SaveError,
 )
 
 
