@@ -48,9 +48,9 @@ class AdapterSettings:
 
     def __post_init__(self) -> None:
         if self.prompt_length < 1:
-            raise ValueError(f"Adapter prompt_length must be >= 1, got {self.prompt_length}.")
+            raise ValueError(f"Adapter prompt_length must be >= 1, got --adapter_prompt_length {self.prompt_length}.")
         if self.start_layer < 0:
-            raise ValueError(f"Adapter start_layer must be >= 0, got {self.start_layer}.")
+            raise ValueError(f"Adapter start_layer must be >= 0, got --adapter_start_layer {self.start_layer}.")
 
 
 Settings = AdapterSettings  # the contract's name for it (lit_gpt.peft)

@@ -80,6 +80,8 @@ class TrainArgs:
                 f"Need 0 <= --train.min_learning_rate ({self.min_learning_rate}) <= --train.learning_rate "
                 f"({self.learning_rate}) and learning_rate > 0."
             )
+        if not 0 <= self.seed < 2**32:
+            raise ValueError(f"--train.seed must be in [0, 2**32), got {self.seed}.")
         if self.warmup_steps < 0 or self.weight_decay < 0 or self.grad_clip < 0:
             raise ValueError("--train.warmup_steps, --train.weight_decay and --train.grad_clip must not be negative.")
         per_step = self.micro_batch_size * devices

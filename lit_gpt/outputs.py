@@ -4,39 +4,72 @@
       final/                     the trained weights, self-described (see `save_output_dir`):
         lora.safetensors           the method's tensors only (a full finetune: lit_model.safetensors)
         hyperparameters.yaml       method, its settings, base checkpoint and its fingerprint, every flag
-        model_config.yaml, tokenizer.json, ...   copied from the base checkpoint
+        model_config.yaml, tokenizer.json, ...   the base checkpoint's, as hard links to .base_files/
       step-000100/               the same, every --train.save_interval steps
+      .base_files/               one copy of the base's model_config.yaml and tokenizer files, taken at the
+                                 run's first save (again if the base's files change): every saved directory
+                                 hard-links them, so each is complete on its own (generate from it, copy it
+                                 anywhere) while a multi-MB tokenizer.json takes its disk space once per run
       resume_state.pt            trainable weights, optimizer, step, data position, RNG, and what the run is:
                                  `--resume true` continues it exactly (see `resume_differences`)
       metrics.csv                losses, learning rate, speed (written by `lit_gpt.training.ProgressLog`)
 
+Where the disk cannot hard-link (another filesystem, FAT, some network mounts) the side files are copied
+instead. A linked file is the same file in every directory: to change, say, final/tokenizer_config.json, replace
+it (write a new file, then rename it over the old one) rather than editing it in place.
+
 Every file is written atomically (a killed run leaves the old version or the new one, never half of one),
 and nothing is unpickled when read back: the resume state goes through `torch.load(weights_only=True)`.
+A save is assembled under a temporary name in out_dir (`.step-000100.<8 random characters>/`,
+`.resume_state.pt.<8 random characters>.tmp`; a directory being replaced waits as `.step-000100.old/`);
+what a killed save left there is removed when the next run in that out_dir starts (`remove_stale_temporaries`).
+A save that fails because the disk is full, over quota, read-only or not writable raises a `SaveError` that
+names what survived; nothing half-written is left behind.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import importlib.metadata
 import json
 import os
+import pickle
+import re
 import shutil
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, BinaryIO, Iterator, Optional
 
 import torch
 import torch.nn as nn
 import yaml
 from lightning_fabric import Fabric
+from safetensors import SafetensorError
 
-from lit_gpt.checkpoint import CONFIG_FILE, TOKENIZER_EXTRA_FILES, TOKENIZER_FILES, save_safetensors
+from lit_gpt.checkpoint import (
+    CONFIG_FILE,
+    TOKENIZER_EXTRA_FILES,
+    TOKENIZER_FILES,
+    base_fingerprint,
+    is_legacy_fingerprint,
+    same_base,
+    save_safetensors,
+)
 from lit_gpt.data import DataPosition
+from lit_gpt.files import SaveError, file_problem, read_yaml
 
 HPARAMS_FILE = "hyperparameters.yaml"
 RESUME_FILE = "resume_state.pt"
 LOG_FILE = "metrics.csv"
 HISTORY_KEY = "resumed"  # hyperparameters.yaml: [{"step": N, "changes": {key: [before, after]}}, ...] per resume
+
+# hyperparameters.yaml is written by the run it describes; a broken one cannot be rebuilt from the weights alone.
+HPARAMS_REMEDY = (
+    "It is written by the finetune run it describes: use an output directory as the run wrote it (its final or "
+    "step-* directory, or a copy of it), or train again."
+)
 
 # What may change when a run resumes, because it changes how long the run goes on, how often it logs, validates
 # and saves, where its inputs are (their fingerprints must still match) or how fast it computes, not what it
@@ -66,10 +99,14 @@ def read_hyperparameters(finetuned_dir: str | Path) -> dict[str, Any]:
             f"{str(path)!r} does not exist: --finetuned_dir must be an output directory of a finetune run "
             "(e.g. out/lora/final), which holds the weights and the hyperparameters.yaml that describes them."
         )
-    return yaml.safe_load(path.read_text())
+    return read_yaml(path, HPARAMS_REMEDY)
 
 
 # --- output directories -------------------------------------------------------------------------------------
+BASE_FILES_DIR = ".base_files"  # in out_dir: the one copy of the base's side files that saved directories link
+SIDE_FILES = (CONFIG_FILE, *TOKENIZER_FILES, *TOKENIZER_EXTRA_FILES)
+
+
 def save_output_dir(
     fabric: Fabric,
     out_dir: Path,
@@ -81,30 +118,257 @@ def save_output_dir(
     """Write a self-describing output directory atomically (rank 0): weights, hyperparameters, config, tokenizer.
 
     The directory is assembled under a temporary name and renamed into place, so a killed run leaves
-    either the previous directory or the new one.
+    either the previous directory or the new one. The base's config and tokenizer files are hard links to one
+    copy in `out_dir.parent/.base_files` (copies where the disk cannot link): every directory is complete on
+    its own, and they take disk space once. Too little free space for the weights, or a full, read-only or
+    unwritable disk, raises a `SaveError` naming what survived; nothing half-written is left behind.
     """
     if fabric.is_global_zero:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private (0700); an output directory is an ordinary readable one
-        try:
+        root = out_dir.parent
+        with disk_errors(out_dir):
+            root.mkdir(parents=True, exist_ok=True)
             metadata = {"method": str(hparams["method"]), "hyperparameters": json.dumps(hparams, default=str)}
-            save_safetensors(weights, tmp / weights_file, metadata=metadata)
-            (tmp / HPARAMS_FILE).write_text(yaml.safe_dump(hparams, sort_keys=False))
-            for name in (CONFIG_FILE, *TOKENIZER_FILES, *TOKENIZER_EXTRA_FILES):
-                if (checkpoint_dir / name).is_file():
-                    shutil.copy2(checkpoint_dir / name, tmp / name)
-            if out_dir.exists():
-                old = out_dir.with_name(f".{out_dir.name}.old")
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(out_dir, old)
-                os.replace(tmp, out_dir)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, out_dir)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            hparams_text = yaml.safe_dump(hparams, sort_keys=False)
+            to_copy = _base_files_to_copy(root, checkpoint_dir)
+            header = sum(len(k) + len(v) for k, v in metadata.items()) + 200 * len(weights)
+            check_free_space(out_dir, _tensor_bytes(weights) + header + len(hparams_text.encode())
+                             + sum((checkpoint_dir / name).stat().st_size for name in to_copy))
+            side_files = _refresh_base_files(root, checkpoint_dir, to_copy)
+            tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{out_dir.name}."))
+            try:
+                os.chmod(tmp, 0o755)  # mkdtemp makes it private (0700); an output directory is an ordinary readable one
+                save_safetensors(weights, tmp / weights_file, metadata=metadata)
+                (tmp / HPARAMS_FILE).write_text(hparams_text)
+                for path in side_files:
+                    _link_or_copy(path, tmp / path.name)
+                _replace_dir(tmp, out_dir)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
     fabric.barrier()
+
+
+def _base_files_to_copy(root: Path, checkpoint_dir: Path) -> list[str]:
+    """The base's side files that `root/.base_files` lacks or holds an older version of."""
+    store = root / BASE_FILES_DIR
+    return [name for name in SIDE_FILES
+            if (checkpoint_dir / name).is_file() and not _same_file(checkpoint_dir / name, store / name)]
+
+
+def _same_file(source: Path, copy: Path) -> bool:
+    """Whether `copy` holds what `source` does. copy2 keeps the mtime, so size and mtime settle it without
+    reading either file, unless the disk rounds mtimes (then the bytes are compared)."""
+    try:
+        a, b = source.stat(), copy.stat()
+    except FileNotFoundError:
+        return False
+    if a.st_size != b.st_size:
+        return False
+    return a.st_mtime_ns == b.st_mtime_ns or source.read_bytes() == copy.read_bytes()
+
+
+def _refresh_base_files(root: Path, checkpoint_dir: Path, to_copy: list[str]) -> list[Path]:
+    """Bring `root/.base_files` up to date with the base's side files; returns the paths to link from there.
+
+    A file is never rewritten in place: earlier saved directories link the old version, which must not change
+    under them. The new version is copied beside it and renamed over it, so they keep theirs.
+    """
+    store = root / BASE_FILES_DIR
+    store.mkdir(exist_ok=True)
+    for name in to_copy:
+        fd, tmp = tempfile.mkstemp(dir=store, prefix=f".{name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            shutil.copy2(checkpoint_dir / name, tmp)
+            os.replace(tmp, store / name)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    present = [name for name in SIDE_FILES if (checkpoint_dir / name).is_file()]
+    for name in set(SIDE_FILES) - set(present):  # the base dropped it: a new save must not carry it
+        (store / name).unlink(missing_ok=True)
+    return [store / name for name in present]
+
+
+# os.link's ways of saying "not here": another filesystem, a filesystem without hard links (EPERM on FAT and
+# some network mounts), or the file's link limit reached. The file is copied instead.
+_NO_HARD_LINKS = {errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS}
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    try:
+        os.link(source, target)
+    except OSError as e:
+        if e.errno not in _NO_HARD_LINKS:
+            raise
+        shutil.copy2(source, target)
+
+
+def _replace_dir(tmp: Path, out_dir: Path) -> None:
+    """Rename the finished directory `tmp` to `out_dir`, replacing an existing one (a re-save after a resume).
+
+    A directory cannot be renamed over another, so the old one steps aside as `.<name>.old` first; if the
+    rename fails it is put back, and if the process is killed in between `remove_stale_temporaries` puts it
+    back at the next start.
+    """
+    if not out_dir.exists():
+        os.replace(tmp, out_dir)
+        return
+    old = out_dir.with_name(f".{out_dir.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(out_dir, old)
+    try:
+        os.replace(tmp, out_dir)
+    except BaseException:
+        os.replace(old, out_dir)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# --- saves that fail: a full, read-only or unwritable disk ---------------------------------------------------
+# The errors that come from the disk, not from the program: they become a SaveError that says what survived.
+_DISK_ERRNOS = {errno.ENOSPC, errno.EACCES, errno.EPERM, errno.EROFS, errno.EFBIG,
+                *([errno.EDQUOT] if hasattr(errno, "EDQUOT") else [])}
+SAVE_MARGIN = 1 << 20  # bytes beyond the estimate that a save wants free: file headers, the filesystem's blocks
+
+
+@contextlib.contextmanager
+def disk_errors(target: Path) -> Iterator[None]:
+    """Turn a save of `target` failing on the disk (full, over quota, read-only, no permission, file too large)
+    into a `SaveError` that names `target`, the reason, the previous checkpoint (intact: every save writes a
+    temporary and renames it into place) and what to do. Any other error propagates unchanged.
+
+    safetensors reports an I/O error as a SafetensorError with "(os error N)" in its text: that N counts too.
+    """
+    try:
+        yield
+    except SaveError:
+        raise
+    except OSError as e:
+        if e.errno not in _DISK_ERRNOS and not isinstance(e, PermissionError):
+            raise
+        raise SaveError(save_failure(target, f"{e.strerror or e} (errno {e.errno})", e.errno)) from e
+    except SafetensorError as e:
+        match = re.search(r"\(os error (\d+)\)", str(e))
+        code = int(match.group(1)) if match else None
+        if code not in _DISK_ERRNOS:
+            raise
+        raise SaveError(save_failure(target, f"{os.strerror(code)} (errno {code})", code)) from e
+
+
+def check_free_space(target: Path, needed: int) -> None:
+    """Refuse, before anything is written, a save of `target` that needs about `needed` bytes when its disk has
+    less free (plus `SAVE_MARGIN` and 1%): a `SaveError` like a failed save's. A disk that cannot say is not
+    checked (the save then fails, if it does, as it writes)."""
+    try:
+        free = shutil.disk_usage(target.parent).free
+    except OSError:
+        return
+    wanted = needed + needed // 100 + SAVE_MARGIN
+    if free < wanted:
+        reason = f"it needs about {_size(wanted)} and the disk has {_size(free)} free"
+        raise SaveError(save_failure(target, reason, errno.ENOSPC))
+
+
+def save_failure(target: Path, reason: str, code: Optional[int]) -> str:
+    """The message of a failed save of `target` (a directory or file in a run's out_dir): what failed and why,
+    which checkpoint is intact, and how to go on."""
+    root = target.parent
+    resume = root / RESUME_FILE
+    intact = _previous_checkpoint(root, target)
+    if code in (errno.EACCES, errno.EPERM, errno.EROFS):
+        fix = f"Make {root} writable (or copy it to a writable disk and pass that as --out_dir)"
+    elif code == errno.EFBIG:
+        fix = f"Copy {root} to a filesystem that allows files this large (not FAT32) and pass that as --out_dir"
+    else:
+        fix = f"Free space on that disk (or copy {root} to a disk with room and pass that as --out_dir)"
+    if resume.is_file():
+        then = f"then run the same command with --resume true: it continues from {resume.name}."
+    else:
+        then = "then run the command again."
+    kept = (f"the previous checkpoint is intact: {' and '.join(str(p) for p in intact)}" if intact
+            else f"there is no earlier checkpoint in {root}")
+    return f"Could not save {target}: {reason}. Nothing half-written was left behind, and {kept}. {fix}, {then}"
+
+
+def _previous_checkpoint(root: Path, target: Path) -> list[Path]:
+    """What a failed save of `target` leaves to continue from: the latest step directory (`target` itself when it
+    existed before: its previous version stays) and the resume state."""
+    found = []
+    if target.is_dir():
+        found.append(target)
+    else:
+        steps = sorted(p for p in root.glob("step-*") if _STEP_DIR.fullmatch(p.name) and p.is_dir() and p != target)
+        found.extend(steps[-1:])
+    if (root / RESUME_FILE).is_file():
+        found.append(root / RESUME_FILE)
+    return found
+
+
+def _tensor_bytes(value: Any) -> int:
+    """The bytes of the tensors in `value` (nested dicts, lists and tuples of tensors and plain values)."""
+    if isinstance(value, torch.Tensor):
+        return value.nelement() * value.element_size()
+    if isinstance(value, dict):
+        return sum(_tensor_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in value)
+    return 0
+
+
+def _size(n: int) -> str:
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+# --- what a killed save leaves behind ------------------------------------------------------------------------
+# The temporary names saves use in out_dir (tempfile's random part: 8 of "a-z0-9_"), and nothing else.
+_RANDOM = r"[a-z0-9_]{8}"
+_STEP_DIR = re.compile(r"step-\d+")
+_SAVED_DIR = r"(?:step-\d+|final)"
+_STALE_DIRS = re.compile(rf"\.{_SAVED_DIR}\.{_RANDOM}")
+_OLD_DIRS = re.compile(rf"\.({_SAVED_DIR})\.old")
+_STALE_FILES = re.compile(
+    rf"\.(?:{re.escape(RESUME_FILE)}|{re.escape(LOG_FILE)})\.{_RANDOM}\.tmp|\.write_test{_RANDOM}")
+_STALE_BASE_FILES = re.compile(rf"\.(?:{'|'.join(map(re.escape, SIDE_FILES))})\.{_RANDOM}\.tmp")
+
+
+def remove_stale_temporaries(out_dir: Path) -> list[str]:
+    """Remove what saves killed mid-way left in `out_dir`; returns what was done, one phrase each.
+
+    Only the names saves give their temporaries, directly in `out_dir` (and in its `.base_files`): a directory
+    being assembled (`.step-000100.<random>`, `.final.<random>`), a resume state or metrics file being written
+    (`.resume_state.pt.<random>.tmp`, `.metrics.csv.<random>.tmp`), the writability probe (`.write_test<random>`).
+    A replaced directory waiting as `.step-000100.old` is deleted, or renamed back when the kill came before its
+    successor took its place. Anything else in `out_dir` is left alone. Call it when no save can be running.
+    """
+    done: list[str] = []
+    if not out_dir.is_dir():
+        return done
+    places = [(out_dir, _STALE_FILES), (out_dir / BASE_FILES_DIR, _STALE_BASE_FILES)]
+    for directory, stale_files in places:
+        if not directory.is_dir():
+            continue
+        for path in sorted(directory.iterdir()):
+            if path.is_symlink():
+                continue
+            if path.is_file() and stale_files.fullmatch(path.name):
+                path.unlink()
+                done.append(f"removed {path.relative_to(out_dir)}")
+            elif directory == out_dir and path.is_dir() and _STALE_DIRS.fullmatch(path.name):
+                shutil.rmtree(path)
+                done.append(f"removed {path.name}")
+            elif directory == out_dir and path.is_dir() and (old := _OLD_DIRS.fullmatch(path.name)):
+                live = out_dir / old.group(1)
+                if live.exists():
+                    shutil.rmtree(path)
+                    done.append(f"removed {path.name}")
+                else:
+                    os.replace(path, live)
+                    done.append(f"restored {live.name} from {path.name}")
+    return done
 
 
 # --- resume state -------------------------------------------------------------------------------------------
@@ -205,15 +469,78 @@ def save_resume_state(
     }
     if fabric.is_global_zero:
         path = out_dir / RESUME_FILE
-        fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{RESUME_FILE}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            torch.save(state, tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        with disk_errors(path):
+            check_free_space(path, _tensor_bytes(state) + (1 << 16))  # + the pickled structure around the tensors
+            fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{RESUME_FILE}.", suffix=".tmp")
+            os.close(fd)
+            try:
+                with open(tmp, "wb") as f:
+                    _save_torch(state, f)
+                os.replace(tmp, path)
+            finally:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
     fabric.barrier()
+
+
+class _KeepWriteError:
+    """A file for torch.save that keeps the OSError of a failed write: torch's zip writer turns it into a
+    RuntimeError without the reason ("unexpected pos 704 vs 598"), which would hide a full disk."""
+
+    def __init__(self, file: BinaryIO) -> None:
+        self.file, self.error = file, None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+def _save_torch(state: dict[str, Any], file: BinaryIO) -> None:
+    writer = _KeepWriteError(file)
+    try:
+        torch.save(state, writer)
+    except RuntimeError:
+        if writer.error is not None:
+            raise writer.error from None
+        raise
+
+
+RESUME_REMEDY = (
+    "Start the run over without --resume (or in another --out_dir); the step-* directories beside it keep the "
+    "weights of the earlier saves."
+)
+# What `save_resume_state` writes, with the type each entry must have when read back.
+_RESUME_ENTRIES = {"trainable": dict, "optimizer": dict, "step": int, "epoch": int, "index": int, "rng": torch.Tensor}
+
+
+def read_resume_state(path: Path) -> dict[str, Any]:
+    """The state `save_resume_state` wrote to `path`, read without unpickling any object (`weights_only=True`).
+
+    A truncated or corrupt file, one that holds Python objects other than tensors and plain values (refused, never
+    executed), or one that lacks an entry is a FileError that names the file.
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        reason = str(e).strip().splitlines()[0][:200] if "weights_only" not in str(e) else (
+            "it holds Python objects other than tensors and plain values, which are never unpickled")
+        raise file_problem(path, f"is not a resume state this project wrote ({reason})", RESUME_REMEDY) from None
+    except Exception as e:  # truncated zip archives, garbage bytes and empty files fail in many ways
+        reason = (str(e).strip().splitlines() or ["the file is empty" if path.stat().st_size == 0 else ""])[0][:200]
+        raise file_problem(path, f"is truncated or corrupt ({type(e).__name__}: {reason})", RESUME_REMEDY) from None
+    if not isinstance(state, dict):
+        raise file_problem(path, f"holds a {type(state).__name__}, not a resume state", RESUME_REMEDY)
+    wrong = [key for key, kind in _RESUME_ENTRIES.items() if not isinstance(state.get(key), kind)]
+    if wrong:
+        raise file_problem(path, f"is not a complete resume state: {', '.join(wrong)} missing or of the wrong type",
+                           RESUME_REMEDY)
+    return state
 
 
 def load_resume_state(
@@ -233,10 +560,17 @@ def load_resume_state(
             f"--resume was given but {path} does not exist: no earlier run saved a checkpoint in --out_dir {out_dir}. "
             "Drop --resume to start a new run, or point --out_dir at the run to continue."
         )
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = read_resume_state(path)
     changes = None
     if "run" in state:
-        refused, changes = resume_differences(state["run"], run_description(hparams, model, fabric.world_size))
+        saved_run = dict(state["run"])
+        legacy = saved_run.get("base_fingerprint")
+        # A run started before whole-file base fingerprints recorded a legacy one: if it is this base's by the
+        # legacy scheme, it is the same base, recorded the old way (and the next save records the new value).
+        if is_legacy_fingerprint(legacy) and hparams.get("checkpoint_dir") is not None:
+            if same_base(legacy, hparams["checkpoint_dir"]):
+                saved_run["base_fingerprint"] = base_fingerprint(hparams["checkpoint_dir"])
+        refused, changes = resume_differences(saved_run, run_description(hparams, model, fabric.world_size))
         if refused:
             raise ValueError(_refusal(path, refused))
         history = list(state.get("history", []))

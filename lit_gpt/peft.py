@@ -26,9 +26,10 @@ from __future__ import annotations
 
 from dataclasses import fields
 from types import ModuleType
-from typing import Any
+from typing import Any, get_type_hints
 
 from lit_gpt import adapter, adapter_v2, lora
+from lit_gpt.files import type_mismatch
 
 METHODS: dict[str, ModuleType] = {module.NAME: module for module in (lora, adapter, adapter_v2)}
 
@@ -50,8 +51,15 @@ def settings_from_dict(method: str, values: dict[str, Any]) -> Any:
     given keep their defaults, unknown fields are an error (a typo must not silently change the model).
     """
     cls = method_module(method).Settings
+    if not isinstance(values, dict):
+        raise ValueError(f"{method} settings must be a mapping of field names to values, got {values!r}.")
     known = {f.name for f in fields(cls)}
-    unknown = sorted(set(values) - known)
+    unknown = sorted(map(str, set(values) - known))
     if unknown:
         raise ValueError(f"{cls.__name__} has no field(s) {unknown}; its fields are {sorted(known)}.")
+    hints = get_type_hints(cls)
+    for key, value in values.items():
+        expected = type_mismatch(value, hints[key])
+        if expected:
+            raise ValueError(f"{cls.__name__}.{key} is {value!r}, which is not {expected}.")
     return cls(**values)

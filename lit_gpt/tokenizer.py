@@ -28,6 +28,14 @@ from typing import Any, Iterable, Optional, Union
 
 import torch
 
+from lit_gpt.files import file_problem, read_json
+
+# What to do about a broken tokenizer file: get the base model's files again.
+TOKENIZER_REMEDY = (
+    "Copy the tokenizer files of the base model into this directory again (scripts/download.py and "
+    "scripts/convert_*_checkpoint.py write them)."
+)
+
 
 class Tokenizer:
     """Text <-> token ids for one checkpoint directory.
@@ -58,13 +66,23 @@ class Tokenizer:
             from tokenizers import Tokenizer as HFTokenizer
 
             self.backend = "huggingface"
-            self.processor = HFTokenizer.from_file(str(checkpoint_dir / "tokenizer.json"))
+            path = checkpoint_dir / "tokenizer.json"
+            try:
+                self.processor = HFTokenizer.from_file(str(path))
+            except Exception as e:  # the Rust library raises a bare Exception for every parse error
+                raise file_problem(path, f"is not a readable tokenizer ({_first_line(e)}); it is truncated or corrupt",
+                                   TOKENIZER_REMEDY) from None
             self.vocab_size = self.processor.get_vocab_size(with_added_tokens=True)
         elif (checkpoint_dir / "tokenizer.model").is_file():
             from sentencepiece import SentencePieceProcessor
 
             self.backend = "sentencepiece"
-            self.processor = SentencePieceProcessor(model_file=str(checkpoint_dir / "tokenizer.model"))
+            path = checkpoint_dir / "tokenizer.model"
+            try:
+                self.processor = SentencePieceProcessor(model_file=str(path))
+            except (RuntimeError, OSError) as e:
+                raise file_problem(path, f"is not a readable sentencepiece model ({_first_line(e)}); it is truncated "
+                                   "or corrupt", TOKENIZER_REMEDY) from None
             self.vocab_size = self.processor.vocab_size()
         else:
             present = sorted(p.name for p in checkpoint_dir.iterdir())
@@ -242,7 +260,12 @@ class StreamingDecoder:
 
 # --- helpers -----------------------------------------------------------------------------------------------
 def _read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    """tokenizer_config.json or generation_config.json: optional, but when present a JSON object."""
+    return read_json(path, TOKENIZER_REMEDY) if path.exists() else {}
+
+
+def _first_line(error: BaseException, limit: int = 200) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:limit]
 
 
 def _token_content(value: Any) -> Optional[str]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import math
+import os
 import sys
 import tempfile
 import time
@@ -34,6 +35,7 @@ from lit_gpt.outputs import (
     LOG_FILE,
     RESUME_FILE,
     load_resume_state,
+    remove_stale_temporaries,
     run_hyperparameters,
     save_resume_state,
 )
@@ -63,8 +65,12 @@ def fit(
     change what the run trains, on what or how (`hparams` against the saved run) is refused; the changes it may
     make (more steps, another eval interval, ...) are printed and recorded in `hparams` (see
     `lit_gpt.outputs.load_resume_state`). The final save is the caller's. `model` is the bare model as the PEFT
-    method left it; Fabric wraps it here.
+    method left it; Fabric wraps it here. First, what a killed save left in `out_dir` is cleaned up (rank 0).
     """
+    if fabric.is_global_zero:
+        cleaned = remove_stale_temporaries(out_dir)
+        if cleaned:
+            fabric.print(f"Cleaned up after an interrupted save in {out_dir}: {'; '.join(cleaned)}.")
     report_parameters(fabric, model)
     optimizer = adamw(model, train, fabric)
     raw_model = model  # Fabric's wrapper runs forward/backward; the bare model is sampled, saved and resumed
@@ -87,41 +93,43 @@ def fit(
         progress.log(0, {"val_loss": val_loss})
         progress.write(f"step 0: val loss {val_loss:.4f}")
     running_loss = torch.zeros((), device=fabric.device)
-    while step < total_steps:
-        set_lr(optimizer, lr_at(step, train, total_steps))
-        micro_batches = stream.next_step()
-        # Weight each micro-batch by its share of the step's loss-carrying tokens (over all devices), so the
-        # loss is the same token mean whatever the micro batch size, accumulation or device count.
-        step_supervised = global_sum(fabric, sum(b.supervised for b in micro_batches))
-        for i, batch in enumerate(micro_batches):
-            weight = batch.supervised * fabric.world_size / max(step_supervised, 1)
-            with fabric.no_backward_sync(model, enabled=i < len(micro_batches) - 1):
-                loss = model(**batch.model_inputs(fabric.device)) * weight
-                fabric.backward(loss)
-            running_loss += loss.detach()
-        if train.grad_clip > 0:
-            fabric.clip_gradients(model, optimizer, max_norm=train.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        progress.update(1, sum(b.tokens for b in micro_batches), sum(b.supervised for b in micro_batches))
-        if step % train.log_interval == 0 or step == total_steps:
-            steps_logged = step % train.log_interval or train.log_interval
-            train_loss = float(fabric.all_reduce(running_loss, reduce_op="sum")) / fabric.world_size / steps_logged
-            running_loss.zero_()
-            progress.log(step, {"train_loss": train_loss, "lr": optimizer.param_groups[0]["lr"], **progress.throughput()},
-                         show=True)
-        if step % eval.interval == 0 or step == total_steps:
-            with progress.paused():
-                val_loss = validate(fabric, model, val_data, eval, train.micro_batch_size, stream.share_prefix)
-                prompt, response = sample_response(raw_model, tokenizer, val_data, eval.max_new_tokens, fabric.device)
-            progress.log(step, {"val_loss": val_loss}, show=True)
-            progress.write(f"step {step}: val loss {val_loss:.4f}\n{prompt}{response}")
-        if step % train.save_interval == 0 and step < total_steps:
-            with progress.paused():
-                save(out_dir / f"step-{step:06d}")
-                save_resume_state(fabric, out_dir, raw_model, optimizer, step, stream.position, hparams)
-    progress.close()
+    # Closed on the way out of an error too: the error message then starts on a line of its own.
+    with contextlib.closing(progress):
+        while step < total_steps:
+            set_lr(optimizer, lr_at(step, train, total_steps))
+            micro_batches = stream.next_step()
+            # Weight each micro-batch by its share of the step's loss-carrying tokens (over all devices), so the
+            # loss is the same token mean whatever the micro batch size, accumulation or device count.
+            step_supervised = global_sum(fabric, sum(b.supervised for b in micro_batches))
+            for i, batch in enumerate(micro_batches):
+                weight = batch.supervised * fabric.world_size / max(step_supervised, 1)
+                with fabric.no_backward_sync(model, enabled=i < len(micro_batches) - 1):
+                    loss = model(**batch.model_inputs(fabric.device)) * weight
+                    fabric.backward(loss)
+                running_loss += loss.detach()
+            if train.grad_clip > 0:
+                fabric.clip_gradients(model, optimizer, max_norm=train.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            progress.update(1, sum(b.tokens for b in micro_batches), sum(b.supervised for b in micro_batches))
+            if step % train.log_interval == 0 or step == total_steps:
+                steps_logged = step % train.log_interval or train.log_interval
+                train_loss = float(fabric.all_reduce(running_loss, reduce_op="sum")) / fabric.world_size / steps_logged
+                running_loss.zero_()
+                progress.log(step, {"train_loss": train_loss, "lr": optimizer.param_groups[0]["lr"],
+                                    **progress.throughput()}, show=True)
+            if step % eval.interval == 0 or step == total_steps:
+                with progress.paused():
+                    val_loss = validate(fabric, model, val_data, eval, train.micro_batch_size, stream.share_prefix)
+                    prompt, response = sample_response(raw_model, tokenizer, val_data, eval.max_new_tokens,
+                                                       fabric.device)
+                progress.log(step, {"val_loss": val_loss}, show=True)
+                progress.write(f"step {step}: val loss {val_loss:.4f}\n{prompt}{response}")
+            if step % train.save_interval == 0 and step < total_steps:
+                with progress.paused():
+                    save(out_dir / f"step-{step:06d}")
+                    save_resume_state(fabric, out_dir, raw_model, optimizer, step, stream.position, hparams)
 
 
 # --- Fabric ------------------------------------------------------------------------------------------------
@@ -341,10 +349,18 @@ class ProgressLog:
             # A new run starts a new log; a resumed run drops what the killed run logged after its last save.
             with open(self.path) as f:
                 rows = [row for row in csv.DictReader(f) if int(row["step"]) <= start_step] if start_step else []
-            with open(self.path, "w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=["step", "name", "value"])
-                writer.writeheader()
-                writer.writerows(rows)
+            # Rewritten beside it and renamed over it: a run killed right here keeps the log it had.
+            fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{LOG_FILE}.", suffix=".tmp")
+            try:
+                with open(fd, "w", newline="") as f:
+                    writer = csv.DictWriter(f, fieldnames=["step", "name", "value"])
+                    writer.writeheader()
+                    writer.writerows(rows)
+                os.chmod(tmp, 0o644)  # mkstemp creates 0600; a log is an ordinary readable file
+                os.replace(tmp, self.path)
+            finally:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
         if fabric.is_global_zero:
             self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
         self.t0, self.tokens = time.perf_counter(), 0

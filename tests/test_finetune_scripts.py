@@ -7,7 +7,8 @@ What is proven here (DESIGN practices 8, 10-12):
   finetune changes every parameter;
 - each method overfits four instruction/answer pairs (train loss / 10) and greedy generation through the
   generate script then answers a training instruction with its training answer;
-- a run killed with SIGKILL and resumed with --resume true ends bit-identical to an uninterrupted run;
+- a run killed with SIGKILL and resumed with --resume true ends bit-identical to an uninterrupted run, also
+  after several kills at random moments, inside saves included, each leaving a loadable latest checkpoint;
 - --devices 2 (two CPU processes over gloo) logs the same train loss as one process with twice the micro batch;
 - bad input fails with "error: ..." naming the flag or file, and no traceback;
 - merged LoRA weights give the unmerged model's logits, and the merged directory is a normal checkpoint.
@@ -24,6 +25,7 @@ import hashlib
 import importlib.util
 import math
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -302,6 +304,115 @@ def test_resume_after_sigkill_is_bit_identical_to_an_uninterrupted_run(base, dat
     assert not different, f"resumed from step {killed_at}: {len(different)} tensors differ, e.g. {different[:3]}"
     assert losses(killed, "train_loss") == losses(uninterrupted, "train_loss")
     print(f"killed after the resume state of step {killed_at} of {steps}; resumed run bit-identical")
+
+
+# Run a finetune script (argv: out_dir, n, script, flags...) that is killed with SIGKILL at the n-th rename into
+# out_dir: inside a save (a weights file, a step directory, the resume state, a side file, the log rewrite),
+# just before the rename that would complete it. No test hook in the code under test: os.replace is wrapped here.
+KILL_AT_NTH_RENAME = """
+import os, runpy, signal, sys
+out_dir, n, script = os.path.abspath(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+rename, calls = os.replace, [0]
+def replace(src, dst, *args, **kwargs):
+    if os.path.abspath(os.fspath(dst)).startswith(out_dir + os.sep):
+        calls[0] += 1
+        if calls[0] == n:
+            os.kill(os.getpid(), signal.SIGKILL)
+    return rename(src, dst, *args, **kwargs)
+os.replace = replace
+sys.argv = [script, *sys.argv[4:]]
+runpy.run_path(script, run_name="__main__")
+"""
+
+
+@pytest.mark.slow
+def test_resume_after_kills_at_random_moments_and_inside_saves_is_bit_identical(base, data, tmp_path, monkeypatch,
+                                                                                capsys):
+    """Four SIGKILLs at seeded random moments of a run that saves every step, each followed by --resume true: two
+    land inside a save by construction (the n-th rename into out_dir kills the process), two after a random delay.
+    After every kill the latest step directory and the resume state load; what a killed save left behind is gone
+    once the next run has started; and the run ends bit-identical to an uninterrupted one (weights and losses)."""
+    rng = random.Random(1234)
+    steps = 80
+    flags = [
+        "--checkpoint_dir", str(base), "--data_dir", str(data), "--precision", "32-true",
+        "--lora_dropout", "0.2", "--lora_mlp", "true", "--train.learning_rate", "1e-2", "--train.warmup_steps", "3",
+        "--train.micro_batch_size", "1", "--train.global_batch_size", "2", "--train.max_steps", str(steps),
+        "--train.save_interval", "1", "--eval.interval", "1000", "--eval.max_new_tokens", "4",
+    ]
+    killed = tmp_path / "killed"
+    flags_killed = [*flags, "--out_dir", str(killed)]
+    resume_file = killed / "resume_state.pt"
+
+    def temporaries() -> set[str]:  # the hidden names a save gives what it has not finished
+        hidden = {p.name for p in killed.iterdir() if p.name.startswith(".") and p.name != ".base_files"}
+        return hidden | {f".base_files/{p.name}" for p in (killed / ".base_files").glob(".*")}
+
+    report, left_behind = [], set()
+    started = time.monotonic()
+    for cycle, how in enumerate(["in a save", "after a delay", "in a save", "after a delay"]):
+        resume = ["--resume", "true"] if cycle else []
+        before = resume_file.stat().st_ino if cycle else None
+        if how == "in a save":
+            # A fresh run renames 3 side files into .base_files, then 3 files a step (weights, step dir, resume
+            # state); a resumed run first rewrites metrics.csv. The first kill comes after step 2's resume state.
+            n = rng.randint(10, 30) if cycle == 0 else rng.randint(1, 30)
+            command = [sys.executable, "-c", KILL_AT_NTH_RENAME, str(killed), str(n), "finetune/lora.py"]
+            proc = subprocess.Popen([*command, *flags_killed, *resume], cwd=ROOT, env=SUBPROCESS_ENV,
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            _, err = proc.communicate(timeout=240)
+            assert proc.returncode == -signal.SIGKILL, f"not killed at rename {n}:\n{err.decode()[-3000:]}"
+            what = f"at rename {n}"
+        else:
+            delay = rng.uniform(0.0, 0.25)
+            proc = subprocess.Popen([sys.executable, "finetune/lora.py", *flags_killed, *resume], cwd=ROOT,
+                                    env=SUBPROCESS_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            deadline = time.monotonic() + 240
+            try:  # wait for this run's first resume state, then a little more
+                while not resume_file.exists() or resume_file.stat().st_ino == before:
+                    assert proc.poll() is None, f"the run ended before saving:\n{proc.stderr.read().decode()[-3000:]}"
+                    assert time.monotonic() < deadline, "no new resume_state.pt after 240 s"
+                    time.sleep(0.002)
+                time.sleep(delay)
+                assert proc.poll() is None, "the run finished before it could be killed: raise steps"
+                proc.send_signal(signal.SIGKILL)
+            finally:
+                proc.kill()
+                proc.wait()
+                proc.stderr.close()
+            assert proc.returncode == -signal.SIGKILL
+            what = f"{delay * 1000:.0f} ms after a save"
+        # What the previous kill left was cleaned up when this run started (names are random: never reused).
+        assert not (left_behind & temporaries()), f"not cleaned up: {left_behind & temporaries()}"
+        left_behind = {name for name in temporaries() if not name.endswith(".old")}
+        assert not (killed / "final").exists()
+        state = torch.load(resume_file, weights_only=True)
+        step_dirs = sorted(killed.glob("step-*"))
+        assert killed / f"step-{state['step']:06d}" in step_dirs  # the weights of the resume state's step
+        load_finetuned(step_dirs[-1], method="lora")
+        report.append(f"killed {what}: resume state at step {state['step']}, latest {step_dirs[-1].name}, "
+                      f"left {sorted(temporaries()) or 'nothing'}")
+
+    code, out, err = run_script_in_process("finetune/lora.py", *flags_killed, "--resume", "true",
+                                           monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 0, err
+    assert f"Resuming from step {state['step']}" in out
+    assert temporaries() == set()
+    assert any("left nothing" not in line for line in report), "no kill left a temporary: the cleanup went untested"
+    elapsed = time.monotonic() - started
+
+    uninterrupted = tmp_path / "uninterrupted"
+    code, _, err = run_script_in_process("finetune/lora.py", *flags, "--out_dir", str(uninterrupted),
+                                         monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 0, err
+    resumed_w = load_file(killed / "final/lora.safetensors")
+    reference_w = load_file(uninterrupted / "final/lora.safetensors")
+    assert resumed_w.keys() == reference_w.keys()
+    different = [k for k in reference_w if not torch.equal(resumed_w[k], reference_w[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+    assert losses(killed, "train_loss") == losses(uninterrupted, "train_loss")
+    assert sorted(losses(killed, "train_loss")) == list(range(1, steps + 1))
+    print("\n".join(report) + f"\nkilled and resumed runs took {elapsed:.1f} s; resumed run bit-identical")
 
 
 # --- two CPU processes --------------------------------------------------------------------------------------
