@@ -32,6 +32,11 @@ def run_cli(function: Callable[..., Any], defaults: Optional[dict[str, Any]] = N
             raise
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
+    except KeyboardInterrupt as interrupt:  # Ctrl-C: not an error, and its traceback would say nothing useful
+        if os.environ.get("LIT_GPT_TRACEBACK"):
+            raise
+        print(f"\ninterrupted: {interrupt or 'Ctrl-C'}", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 def _config_files(args: list[str]) -> list[str]:

@@ -94,7 +94,7 @@ def fit(
         progress.write(f"step 0: val loss {val_loss:.4f}")
     running_loss = torch.zeros((), device=fabric.device)
     # Closed on the way out of an error too: the error message then starts on a line of its own.
-    with contextlib.closing(progress):
+    with contextlib.closing(progress), _saying_what_survives_an_interrupt(out_dir, lambda: step):
         while step < total_steps:
             set_lr(optimizer, lr_at(step, train, total_steps))
             micro_batches = stream.next_step()
@@ -130,6 +130,21 @@ def fit(
                 with progress.paused():
                     save(out_dir / f"step-{step:06d}")
                     save_resume_state(fabric, out_dir, raw_model, optimizer, step, stream.position, hparams)
+
+
+@contextlib.contextmanager
+def _saying_what_survives_an_interrupt(out_dir: Path, current_step: Callable[[], int]):
+    """Ctrl-C in the loop ends the run with what the user needs next: the last complete save and how to resume."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        steps = sorted(p.name for p in out_dir.glob("step-*") if p.is_dir())
+        if (out_dir / RESUME_FILE).is_file() and steps:
+            note = (f"the last save is {out_dir / steps[-1]} with {RESUME_FILE}: run the same command with "
+                    "--resume true to continue from there.")
+        else:
+            note = "nothing was saved yet (the first save comes after --train.save_interval steps)."
+        raise KeyboardInterrupt(f"stopped at step {current_step()}; {note}") from None
 
 
 # --- Fabric ------------------------------------------------------------------------------------------------

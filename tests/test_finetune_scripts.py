@@ -415,10 +415,46 @@ def test_resume_after_kills_at_random_moments_and_inside_saves_is_bit_identical(
     print("\n".join(report) + f"\nkilled and resumed runs took {elapsed:.1f} s; resumed run bit-identical")
 
 
+def test_ctrl_c_says_what_was_saved_and_the_run_resumes(base, data, tmp_path, monkeypatch, capsys):
+    """Ctrl-C (SIGINT) in the training loop ends with exit code 130 and one line naming the last save and the
+    --resume command, not a traceback; the run then resumes from that save."""
+    flags = ["--checkpoint_dir", str(base), "--data_dir", str(data), "--precision", "32-true", "--out_dir",
+             str(tmp_path / "run"), "--train.micro_batch_size", "1", "--train.global_batch_size", "1",
+             "--train.max_steps", "100000", "--train.save_interval", "2", "--eval.interval", "100000"]
+    proc = subprocess.Popen([sys.executable, "finetune/lora.py", *flags], cwd=ROOT, env=SUBPROCESS_ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "run" / "resume_state.pt").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "no save before the interrupt"
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    last_line = err.strip().splitlines()[-1]
+    assert last_line.startswith("interrupted: stopped at step ") and "--resume true" in last_line, err
+    saved = last_line.split("the last save is ")[1].split(" with ")[0]
+    assert Path(saved).is_dir() and load_finetuned(saved)[1]["method"] == "lora"
+    code, out, err = run_script_in_process("finetune/lora.py", *flags[:-6], "--train.max_steps", "6",
+                                           "--train.save_interval", "2", "--eval.interval", "100000", "--resume",
+                                           "true", monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 0 and "Resuming from step" in out, err
+
+
 # --- two CPU processes --------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_two_devices_match_one_device_with_twice_the_micro_batch(base, data, tmp_path):
+    """Also with validation data that does not split evenly: 3 samples, so one process validates 2 batches and
+    the other 1; both must finish, with the same validation loss as one process."""
     steps = 4
+    uneven = tmp_path / "uneven"
+    prepare_instruction_data([Example(instruction=i, input="", output=o) for i, o in PAIRS[:3]], base, uneven,
+                             val_split_fraction=0.0, progress=False)
+    os.replace(uneven / "train.safetensors", uneven / "val.safetensors")
+    shutil.copy(data / "train.safetensors", uneven / "train.safetensors")
+    data = uneven
     common = dict(learning_rate=1e-2, max_steps=steps, save_interval=1000, global_batch_size=4)
     load_script("finetune/lora.py").setup(
         checkpoint_dir=base, data_dir=data, out_dir=tmp_path / "one", precision="32-true", devices=1,
@@ -442,6 +478,10 @@ def test_two_devices_match_one_device_with_twice_the_micro_batch(base, data, tmp
     for step in one:
         assert two[step] == pytest.approx(one[step], rel=1e-5), f"step {step}: {two[step]} vs {one[step]}"
     assert one[steps] < one[1]  # and it trained
+    val_one, val_two = losses(tmp_path / "one", "val_loss"), losses(tmp_path / "two", "val_loss")
+    assert sorted(val_one) == sorted(val_two) == [0, steps]
+    for step in val_one:
+        assert val_two[step] == pytest.approx(val_one[step], rel=1e-5), f"val loss at step {step}"
     w1, w2 = load_file(tmp_path / "one/final/lora.safetensors"), load_file(tmp_path / "two/final/lora.safetensors")
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-5)
