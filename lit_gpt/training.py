@@ -34,6 +34,7 @@ from lit_gpt.outputs import (
     HPARAMS_FILE,
     LOG_FILE,
     RESUME_FILE,
+    disk_errors,
     load_resume_state,
     remove_stale_temporaries,
     run_hyperparameters,
@@ -365,7 +366,8 @@ class ProgressLog:
             with open(self.path) as f:
                 rows = [row for row in csv.DictReader(f) if int(row["step"]) <= start_step] if start_step else []
             # Rewritten beside it and renamed over it: a run killed right here keeps the log it had.
-            fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{LOG_FILE}.", suffix=".tmp")
+            with disk_errors(self.path):
+                fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{LOG_FILE}.", suffix=".tmp")
             try:
                 with open(fd, "w", newline="") as f:
                     writer = csv.DictWriter(f, fieldnames=["step", "name", "value"])
@@ -388,7 +390,7 @@ class ProgressLog:
         if not self.fabric.is_global_zero:
             return
         new = not self.path.exists()
-        with open(self.path, "a", newline="") as f:
+        with disk_errors(self.path), open(self.path, "a", newline="") as f:  # a full or read-only disk: named
             writer = csv.DictWriter(f, fieldnames=["step", "name", "value"])
             if new:
                 writer.writeheader()

@@ -141,6 +141,25 @@ def test_a_save_on_a_full_or_unwritable_disk_is_one_error_and_the_run_resumes_fr
     load_finetuned(out_dir / "final", method="lora")
 
 
+def test_a_log_write_on_a_read_only_disk_is_one_error_naming_the_intact_checkpoint(base, data, tmp_path, monkeypatch,
+                                                                                   capsys):
+    """metrics.csv is appended every step: a disk that turns read-only mid-run (found by hand, remounting a tmpfs)
+    used to end in a raw OSError traceback from the log."""
+    out_dir = tmp_path / "out"
+    real_open = open
+
+    def open_that_fails_after_step_2(file, mode="r", *args, **kwargs):
+        if str(file) == str(out_dir / "metrics.csv") and "a" in mode and (out_dir / "step-000002").exists():
+            raise OSError(errno.EROFS, "Read-only file system", str(file))
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", open_that_fails_after_step_2)
+    code, _, err = run_script_in_process("finetune/lora.py", *lora_flags(base, data, out_dir),
+                                         monkeypatch=monkeypatch, capsys=capsys)
+    assert_one_error_line(code, err, f"Could not save {out_dir / 'metrics.csv'}: Read-only file system", "intact",
+                          str(out_dir / "step-000002"), "--resume true")
+
+
 def test_another_os_error_propagates_unchanged(base, tmp_path, monkeypatch):
     """Only the disk's refusals become a SaveError: an I/O error is a fault to see in full."""
     monkeypatch.setattr("lit_gpt.checkpoint.save_file", always_raise(OSError(errno.EIO, "Input/output error")))
