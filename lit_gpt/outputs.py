@@ -13,6 +13,7 @@
       resume_state.pt            trainable weights, optimizer, step, data position, RNG, and what the run is:
                                  `--resume true` continues it exactly (see `resume_differences`)
       metrics.csv                losses, learning rate, speed (written by `lit_gpt.training.ProgressLog`)
+      .run.lock                  held by the live run (`claim_out_dir`): a second run here is refused
 
 Where the disk cannot hard-link (another filesystem, FAT, some network mounts) the side files are copied
 instead. A linked file is the same file in every directory: to change, say, final/tokenizer_config.json, replace
@@ -37,6 +38,7 @@ import os
 import pickle
 import re
 import shutil
+import socket
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
@@ -321,6 +323,53 @@ def _size(n: int) -> str:
             return f"{n} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
         n /= 1000
     return f"{n:.1f} TB"
+
+
+# --- one run per output directory ------------------------------------------------------------------------------
+LOCK_FILE = ".run.lock"
+_held_locks: dict[Path, Any] = {}  # open lock files, kept for the life of the process (closing one releases it)
+
+
+def claim_out_dir(out_dir: Path) -> None:
+    """Hold `out_dir` for this process until it exits, or raise a ValueError when another live run holds it.
+
+    Two runs in one out_dir (the same command started twice, or --resume while the first run still lives) would
+    write each other's checkpoints, resume state and log, and each would remove the other's saves in progress as
+    stale. The claim is an advisory lock (`fcntl.flock`) on `out_dir/.run.lock`, which the operating system
+    releases when the process ends however it ends, so a killed run never leaves out_dir claimed. Where file
+    locks do not exist (Windows), nothing is checked.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        return
+    out_dir = Path(out_dir).resolve()
+    if out_dir in _held_locks:
+        return
+    out_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(out_dir / LOCK_FILE, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise ValueError(
+            f"--out_dir {out_dir} is in use by another finetune run ({holder}), which is still running. Wait for it "
+            "to finish or stop it (then --resume true continues it), or choose another --out_dir."
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"process {os.getpid()} on {socket.gethostname()}")
+    handle.flush()
+    _held_locks[out_dir] = handle
+
+
+def release_out_dir(out_dir: Path) -> None:
+    """Let another run use `out_dir` before this process exits (the end of a run; see `claim_out_dir`)."""
+    handle = _held_locks.pop(Path(out_dir).resolve(), None)
+    if handle is not None:
+        handle.close()
 
 
 # --- what a killed save leaves behind ------------------------------------------------------------------------

@@ -34,8 +34,10 @@ from lit_gpt.outputs import (
     HPARAMS_FILE,
     LOG_FILE,
     RESUME_FILE,
+    claim_out_dir,
     disk_errors,
     load_resume_state,
+    release_out_dir,
     remove_stale_temporaries,
     run_hyperparameters,
     save_resume_state,
@@ -66,9 +68,11 @@ def fit(
     change what the run trains, on what or how (`hparams` against the saved run) is refused; the changes it may
     make (more steps, another eval interval, ...) are printed and recorded in `hparams` (see
     `lit_gpt.outputs.load_resume_state`). The final save is the caller's. `model` is the bare model as the PEFT
-    method left it; Fabric wraps it here. First, what a killed save left in `out_dir` is cleaned up (rank 0).
+    method left it; Fabric wraps it here. First rank 0 claims `out_dir` (another live run there is an error) and
+    cleans up what a killed save left in it.
     """
     if fabric.is_global_zero:
+        claim_out_dir(out_dir)  # before the cleanup: a live run's save in progress is not stale
         cleaned = remove_stale_temporaries(out_dir)
         if cleaned:
             fabric.print(f"Cleaned up after an interrupted save in {out_dir}: {'; '.join(cleaned)}.")
@@ -241,6 +245,7 @@ def report_parameters(fabric: Fabric, model: nn.Module) -> None:
 def finish(fabric: Fabric, out_dir: Path) -> None:
     """End of a run: draw the loss curve and say where everything is."""
     if fabric.is_global_zero:
+        release_out_dir(out_dir)
         png = plot_loss_curve(out_dir)
         fabric.print(f"Final weights: {out_dir / 'final'}")
         fabric.print(f"Metrics: {out_dir / LOG_FILE}" + (f", loss curve: {png}" if png else ""))

@@ -22,6 +22,8 @@ import errno
 import io
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -158,6 +160,38 @@ def test_a_log_write_on_a_read_only_disk_is_one_error_naming_the_intact_checkpoi
                                          monkeypatch=monkeypatch, capsys=capsys)
     assert_one_error_line(code, err, f"Could not save {out_dir / 'metrics.csv'}: Read-only file system", "intact",
                           str(out_dir / "step-000002"), "--resume true")
+
+
+HOLD_OUT_DIR = """
+import sys, time
+from pathlib import Path
+from lit_gpt.outputs import claim_out_dir
+claim_out_dir(Path(sys.argv[1]))
+print("claimed", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_second_run_in_an_out_dir_a_live_run_holds_is_refused_and_a_dead_runs_claim_is_not(
+    base, data, tmp_path, monkeypatch, capsys
+):
+    """Two runs in one out_dir (the command started twice, or --resume while the first still runs) used to both
+    finish "successfully", writing each other's checkpoints and log."""
+    out_dir = tmp_path / "out"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_OUT_DIR, str(out_dir)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "claimed"
+        code, _, err = run_script_in_process("finetune/lora.py", *lora_flags(base, data, out_dir),
+                                             monkeypatch=monkeypatch, capsys=capsys)
+        assert_one_error_line(code, err, f"--out_dir {out_dir.resolve()} is in use by another finetune run",
+                              f"process {holder.pid}", "choose another --out_dir")
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
+    code, _, err = run_script_in_process("finetune/lora.py", *lora_flags(base, data, out_dir),
+                                         monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 0, err  # the killed holder's lock went with it
 
 
 def test_another_os_error_propagates_unchanged(base, tmp_path, monkeypatch):
