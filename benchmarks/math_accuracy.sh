@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# LoRA, LLaMA-Adapter and Adapter-v2 on SmolLM2-135M-Instruct with the LLM-Adapters math data, on CPU, for one
-# fixed budget each; every model (base included) evaluated on AddSub and MultiArith before and after.
+# The PEFT methods on SmolLM2-135M-Instruct with the LLM-Adapters math data, on CPU, for one fixed budget each;
+# every model (base included) evaluated on AddSub and MultiArith before and after: by default on their *_unseen
+# records, the ones no training sample contains (../shared/data/README.md on contamination).
 #
 #   bash benchmarks/math_accuracy.sh       # from the repository root; needs ../shared/data
 #
-# Writes out/math/results.md (method, trainable params, steps, wall time, peak memory, accuracy before -> after).
+# Writes out/math/results.md (method, trainable params, steps, wall time, peak memory, correct/total before -> after).
 # Budget knobs from the environment: STEPS (default 150), GLOBAL (batch, default 16), LIMIT (records per eval
-# set; default: all).
+# set; default: all), METHODS (default: lora adapter adapter_v2 bottleneck), SETS (default: AddSub_unseen
+# MultiArith_unseen).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,6 +18,8 @@ OUT=${OUT:-out/math}
 STEPS=${STEPS:-150}
 GLOBAL=${GLOBAL:-16}   # samples per optimizer step
 LIMIT=${LIMIT:-}
+METHODS=${METHODS:-lora adapter adapter_v2 bottleneck}
+SETS=${SETS:-AddSub_unseen MultiArith_unseen}
 [ -f "$DATA/math_data.json" ] || { echo "$DATA/math_data.json is absent: nothing to do"; exit 0; }
 mkdir -p "$OUT"
 
@@ -26,7 +30,7 @@ run() { echo "+ $*"; "$@"; }
 
 evaluate() {  # evaluate LABEL [--finetuned_dir DIR]
   local label=$1; shift
-  for set in AddSub MultiArith; do
+  for set in $SETS; do
     run python eval/accuracy.py --checkpoint_dir "$CHECKPOINT" "$@" --data_file "$DATA/math_eval/$set.json" \
       --out_dir "$OUT/eval/$label-$set" --max_new_tokens 160 --batch_size 32 --show 0 \
       ${LIMIT:+--limit "$LIMIT"} --table "$OUT/accuracy.md" --label "$label $set"
@@ -34,9 +38,10 @@ evaluate() {  # evaluate LABEL [--finetuned_dir DIR]
 }
 
 evaluate base
-for method in lora adapter adapter_v2; do
+for method in $METHODS; do
   case $method in
     lora) flags=(--lora_r 8 --lora_alpha 16 --lora_query true --lora_value true --train.learning_rate 3e-4) ;;
+    bottleneck) flags=(--bottleneck_preset adapterh --bottleneck_size 64 --train.learning_rate 3e-4) ;;
     *) flags=(--adapter_start_layer 2 --train.learning_rate 9e-3) ;;
   esac
   start=$(date +%s)
@@ -48,24 +53,24 @@ for method in lora adapter adapter_v2; do
   echo "$method: $(( $(date +%s) - start )) s" | tee -a "$OUT/walltime.txt"
   evaluate "$method" --finetuned_dir "$OUT/$method/final"
 done
-python - "$OUT" <<'EOF'
+python - "$OUT" "$SETS" "$METHODS" <<'EOF'
 """Assemble out/math/results.md from the runs' logs, time -v reports and eval summaries."""
 import json, re, sys
 from pathlib import Path
-out = Path(sys.argv[1])
+out, sets, methods = Path(sys.argv[1]), sys.argv[2].split(), sys.argv[3].split()
 def acc(label, data):
     s = json.loads((out / "eval" / f"{label}-{data}" / "summary.json").read_text())
-    return f"{100 * s['accuracy']:.1f}"
-rows = ["| method | trainable params | steps | wall time | peak memory | AddSub before → after | MultiArith before → after |",
-        "| --- | --- | --- | --- | --- | --- | --- |"]
+    return f"{s['correct']}/{s['total']}"
+rows = ["| method | trainable params | steps | wall time | peak memory | " + " | ".join(f"{s} before → after" for s in sets) + " |",
+        "| --- " * (5 + len(sets)) + "|"]
 walls = dict(line.split(": ") for line in (out / "walltime.txt").read_text().splitlines())
-for m in ("lora", "adapter", "adapter_v2"):
+for m in methods:
     log = (out / f"{m}.log").read_text()
     trainable = re.search(r"Trainable parameters: ([\d,]+)", log).group(1)
     steps = re.findall(r"^(\d+),train_loss", (out / m / "metrics.csv").read_text(), re.M)[-1]
     rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", (out / f"{m}.time").read_text()).group(1))
     rows.append(f"| {m} | {trainable} | {steps} | {walls[m]} | {rss / 1e6:.2f} GB | "
-                f"{acc('base', 'AddSub')} → {acc(m, 'AddSub')} | {acc('base', 'MultiArith')} → {acc(m, 'MultiArith')} |")
+                + " | ".join(f"{acc('base', s)} → {acc(m, s)}" for s in sets) + " |")
 (out / "results.md").write_text("\n".join(rows) + "\n")
 print("\n".join(rows))
 EOF

@@ -1,6 +1,6 @@
 """The PEFT methods this project has, and the contract every one of them keeps.
 
-A method is one module in `lit_gpt/` (`lora.py`, `adapter.py`, `adapter_v2.py`) with:
+A method is one module in `lit_gpt/` (`lora.py`, `adapter.py`, `adapter_v2.py`, `bottleneck.py`) with:
 
     NAME                        its name, as `hyperparameters.yaml` records it ("lora")
     WEIGHTS_FILE                the file its trained tensors are saved to ("lora.safetensors")
@@ -10,6 +10,7 @@ A method is one module in `lit_gpt/` (`lora.py`, `adapter.py`, `adapter_v2.py`) 
     mark_trainable(model)       requires_grad=True exactly on those names, False everywhere else
     state_dict_to_save(model)   exactly those tensors
     merge(model)                optional: fold the trained update into the base weights (LoRA)
+    NOT_MERGEABLE               optional: why the method cannot be merged (said when a merge is asked for)
 
 plus a thin `finetune/<name>.py` script and its tests. Nothing else knows what a method does: the training
 loop (`lit_gpt.training.fit`), the loader of finetune output directories (`lit_gpt.loading.load_finetuned`),
@@ -28,10 +29,10 @@ from dataclasses import fields
 from types import ModuleType
 from typing import Any, get_type_hints
 
-from lit_gpt import adapter, adapter_v2, lora
+from lit_gpt import adapter, adapter_v2, bottleneck, lora
 from lit_gpt.files import type_mismatch
 
-METHODS: dict[str, ModuleType] = {module.NAME: module for module in (lora, adapter, adapter_v2)}
+METHODS: dict[str, ModuleType] = {module.NAME: module for module in (lora, adapter, adapter_v2, bottleneck)}
 
 # A full finetune saves every weight as a complete checkpoint directory: it has no method module.
 FULL = "full"

@@ -56,7 +56,8 @@ def main(finetuned_dir: Path, out_dir: Path, checkpoint_dir: Optional[Path] = No
         if method in COMPLETE_CHECKPOINT_METHODS:
             hint = f"it is already a complete checkpoint: use {finetuned_dir} directly (generate/base.py)."
         elif method in METHODS:
-            hint = (f"{method} weights do not fold into the base weights; generate with "
+            why = getattr(METHODS[method], "NOT_MERGEABLE", f"{method} weights do not fold into the base weights")
+            hint = (f"{why}; generate with "
                     f"`python generate/finetuned.py --finetuned_dir {finetuned_dir}`.")
         else:
             hint = "pass the output directory of a finetune/lora.py run (e.g. out/lora/final)."

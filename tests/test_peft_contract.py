@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import tiny_llama_config
-from lit_gpt import adapter, adapter_v2, lora
+from lit_gpt import adapter, adapter_v2, bottleneck, lora
 from lit_gpt.checkpoint import WEIGHTS_FILE, CheckpointError, load_into_model, load_weights_file, tied_keys
 from lit_gpt.config import Config
 from lit_gpt.model import GPT
@@ -20,6 +20,8 @@ SETTINGS = {
     "lora": lora.LoRASettings(r=4, alpha=8, dropout=0.05, key=True, projection=True, mlp=True, head=True),
     "adapter": adapter.AdapterSettings(prompt_length=4, start_layer=1),
     "adapter_v2": adapter_v2.AdapterV2Settings(prompt_length=4, start_layer=1),
+    "bottleneck": bottleneck.BottleneckSettings(targets="query:parallel,fc_1:before,fc_2:before,mlp_proj:after",
+                                                size=8, dropout=0.1, learned_scaling=True),
 }
 method_names = pytest.mark.parametrize("method", sorted(SETTINGS))
 
@@ -41,7 +43,7 @@ def perturb_peft_parameters(model: GPT, method: str, seed: int = 1) -> None:
 
 
 def test_registry_and_settings_round_trip():
-    assert METHODS == {"lora": lora, "adapter": adapter, "adapter_v2": adapter_v2}
+    assert METHODS == {"lora": lora, "adapter": adapter, "adapter_v2": adapter_v2, "bottleneck": bottleneck}
     for method, settings in SETTINGS.items():
         assert settings_from_dict(method, asdict(settings)) == settings
         assert isinstance(settings_from_dict(method, {}), METHODS[method].Settings)  # all defaults
@@ -165,7 +167,8 @@ def test_kv_cached_greedy_decoding_equals_full_forward(method):
 def test_overfits_a_few_samples(method):
     """Learning happens: on 2 random sequences the loss falls 10x within a few hundred steps.
 
-    About 30 (LoRA), 110 (Adapter) and 10 (Adapter v2) steps, 0.2-1.5 s each on one idle core. The
+    About 30 (LoRA), 110 (Adapter), 10 (Adapter v2) and 25 (bottleneck, AdapterH) steps, 0.2-1.5 s
+    each on one idle core. The
     prompt-only Adapter has the least capacity on a random frozen model, so it gets the larger step size.
     """
     config = tiny_llama_config(
@@ -175,6 +178,7 @@ def test_overfits_a_few_samples(method):
         "lora": (lora.LoRASettings(r=8, alpha=16, dropout=0.0), 5e-2),  # the default targets: query and value
         "adapter": (adapter.AdapterSettings(prompt_length=16, start_layer=0), 1e-1),
         "adapter_v2": (adapter_v2.AdapterV2Settings(prompt_length=16, start_layer=0), 5e-2),
+        "bottleneck": (bottleneck.BottleneckSettings(preset="adapterh", size=16), 1e-2),
     }[method]
     torch.manual_seed(0)
     model = METHODS[method].apply(GPT(config), settings)

@@ -152,7 +152,7 @@ def test_peft_generate_scripts_differ_only_in_their_method():
         return ast.unparse(tree).splitlines()
 
     reference = body("lora.py")
-    for name in ("adapter.py", "adapter_v2.py"):
+    for name in ("adapter.py", "adapter_v2.py", "bottleneck.py"):
         assert body(name) == reference, f"generate/{name} drifted from generate/lora.py"
 
 
