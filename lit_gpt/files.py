@@ -29,6 +29,12 @@ def file_problem(path: str | Path, problem: str, remedy: str) -> FileError:
     return FileError(f"{str(path)!r} {problem.rstrip('.')}. {remedy}".rstrip())
 
 
+def first_line(error: BaseException, default: str = "", limit: int = 200) -> str:
+    """The first line of an exception's message (libraries' parse errors can run for pages), or `default`
+    (the exception's type name when not given) for an exception without a message."""
+    return (str(error).strip().splitlines() or [default or type(error).__name__])[0][:limit]
+
+
 def read_text(path: str | Path, remedy: str) -> str:
     """The UTF-8 text of `path`; an unreadable or non-UTF-8 file is a FileError that ends with `remedy` (a missing
     one a FileNotFoundError with the same kind of message)."""
@@ -74,9 +80,8 @@ def read_yaml(path: str | Path, remedy: str, expect: type = dict) -> Any:
 
 def _expect(path: Path, value: Any, expect: type, remedy: str) -> Any:
     if not isinstance(value, expect):
-        kinds = {dict: "a mapping of names to values", list: "a list"}
-        raise file_problem(path, f"holds {type(value).__name__} {_short(value)} where {kinds.get(expect, expect.__name__)} "
-                                 "belongs", remedy)
+        wanted = {dict: "a mapping of names to values", list: "a list"}.get(expect, expect.__name__)
+        raise file_problem(path, f"holds {type(value).__name__} {_short(value)} where {wanted} belongs", remedy)
     return value
 
 

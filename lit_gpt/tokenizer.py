@@ -28,7 +28,7 @@ from typing import Any, Iterable, Optional, Union
 
 import torch
 
-from lit_gpt.files import file_problem, read_json
+from lit_gpt.files import file_problem, first_line, read_json
 
 # What to do about a broken tokenizer file: get the base model's files again.
 TOKENIZER_REMEDY = (
@@ -70,7 +70,7 @@ class Tokenizer:
             try:
                 self.processor = HFTokenizer.from_file(str(path))
             except Exception as e:  # the Rust library raises a bare Exception for every parse error
-                raise file_problem(path, f"is not a readable tokenizer ({_first_line(e)}); it is truncated or corrupt",
+                raise file_problem(path, f"is not a readable tokenizer ({first_line(e)}); it is truncated or corrupt",
                                    TOKENIZER_REMEDY) from None
             self.vocab_size = self.processor.get_vocab_size(with_added_tokens=True)
         elif (checkpoint_dir / "tokenizer.model").is_file():
@@ -81,7 +81,7 @@ class Tokenizer:
             try:
                 self.processor = SentencePieceProcessor(model_file=str(path))
             except (RuntimeError, OSError) as e:
-                raise file_problem(path, f"is not a readable sentencepiece model ({_first_line(e)}); it is truncated "
+                raise file_problem(path, f"is not a readable sentencepiece model ({first_line(e)}); it is truncated "
                                    "or corrupt", TOKENIZER_REMEDY) from None
             self.vocab_size = self.processor.vocab_size()
         else:
@@ -262,10 +262,6 @@ class StreamingDecoder:
 def _read_json(path: Path) -> dict[str, Any]:
     """tokenizer_config.json or generation_config.json: optional, but when present a JSON object."""
     return read_json(path, TOKENIZER_REMEDY) if path.exists() else {}
-
-
-def _first_line(error: BaseException, limit: int = 200) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0][:limit]
 
 
 def _token_content(value: Any) -> Optional[str]:

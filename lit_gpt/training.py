@@ -36,6 +36,7 @@ from lit_gpt.outputs import (
     RESUME_FILE,
     claim_out_dir,
     disk_errors,
+    latest_step_dir,
     load_resume_state,
     release_out_dir,
     remove_stale_temporaries,
@@ -143,9 +144,9 @@ def _saying_what_survives_an_interrupt(out_dir: Path, current_step: Callable[[],
     try:
         yield
     except KeyboardInterrupt:
-        steps = sorted(p.name for p in out_dir.glob("step-*") if p.is_dir())
-        if (out_dir / RESUME_FILE).is_file() and steps:
-            note = (f"the last save is {out_dir / steps[-1]} with {RESUME_FILE}: run the same command with "
+        latest = latest_step_dir(out_dir)
+        if (out_dir / RESUME_FILE).is_file() and latest is not None:
+            note = (f"the last save is {latest} with {RESUME_FILE}: run the same command with "
                     "--resume true to continue from there.")
         else:
             note = "nothing was saved yet (the first save comes after --train.save_interval steps)."
